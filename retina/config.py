@@ -1,0 +1,320 @@
+"""Typed run configuration with the paper's defaults.
+
+One place reads configuration: YAML files and ``--set section.key=value`` overrides are merged onto these
+dataclasses, and every key is checked against the field's type. An unknown key or a value of the wrong type
+is a ``ConfigError`` naming the dotted key, raised before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, ill-typed or out of range; the message names the dotted key."""
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    weights: str | None = None  # path to an ImageNet state dict (torchvision layout); None = random init
+    norm: str = "frozen_bn"  # frozen_bn (fine-tuning from ImageNet) | bn (from scratch) | gn
+    trainable_layers: int = 3  # how many of (conv1, layer1..layer4) train, counted from the top, 0..5
+    fpn_channels: int = 256
+    # The paper builds P6 from C5; torchvision's v1 RetinaNet builds it from P5 (from_torchvision sets "p5").
+    p6_input: str = "c5"  # c5 | p5
+
+
+@dataclass
+class AnchorConfig:
+    sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])  # base size P3..P7
+    scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    # torchvision truncates the scaled sizes to integers (int(32 * 2**(1/3)) = 40); from_torchvision sets this.
+    integer_sizes: bool = False
+
+
+@dataclass
+class MatcherConfig:
+    fg_iou: float = 0.5  # IoU >= fg_iou: foreground
+    bg_iou: float = 0.4  # IoU < bg_iou: background; between the two: ignored
+    allow_low_quality: bool = True  # each ground truth keeps its best anchor(s) even below fg_iou
+
+
+@dataclass
+class HeadConfig:
+    num_convs: int = 4
+    prior: float = 0.01  # π: the class-output bias starts at -log((1 - π) / π)
+    norm: str = "none"  # none (paper) | gn (GroupNorm(32), helps training from scratch)
+
+
+@dataclass
+class LossConfig:
+    gamma: float = 2.0
+    alpha: float = 0.25  # < 0 disables α-weighting
+    box_loss: str = "smooth_l1"  # l1 | smooth_l1 | giou
+    smooth_l1_beta: float = 0.11  # Detectron's RetinaNet value
+    box_weight: float = 1.0
+
+
+@dataclass
+class PostprocessConfig:
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level, before NMS
+    nms_thresh: float = 0.5  # class-wise
+    detections_per_img: int = 100
+
+
+@dataclass
+class InputConfig:
+    min_size: int = 800  # shorter side after resizing
+    max_size: int = 1333  # longer side limit
+    # Stride of P7 is 128: padding to it gives every level an integer grid and exact anchor strides.
+    size_divisible: int = 128
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+
+
+@dataclass
+class DataConfig:
+    # Sample data: when train/val shards are missing and `synthetic_images` > 0, the pipeline generates the
+    # synthetic dataset under `root` and prepares its shards on first use.
+    root: str = "data/sample"
+    train_shards: str = "data/sample/shards/train"
+    val_shards: str = "data/sample/shards/val"
+    synthetic_images: int = 0  # 0: never generate; the shards must exist
+    synthetic_seed: int = 0
+    train_min_sizes: list[int] = field(default_factory=list)  # multi-scale training; empty = model.input.min_size
+    flip_prob: float = 0.5
+    batch_size: int = 16  # global images per step, split across workers
+    val_batch_size: int = 8  # per worker
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` coerced to `tp` (int → float allowed), or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), cls: type = Config) -> Any:
+    """Build a typed config from a plain mapping plus dotted overrides; validate it."""
+    merged = dict(data or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        merged = _merge(merged, _nest(path, value))
+    cfg = _from_dict(cls, merged)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = Config) -> Any:
+    """Load a YAML config file (or the defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    try:
+        return config_from_dict(data, overrides, cls)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested sections to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    b = m.backbone
+    _require(m.num_classes >= 1, f"{prefix}.num_classes", "must be >= 1")
+    _require(b.name in _BACKBONES, f"{prefix}.backbone.name", f"must be one of {_BACKBONES}")
+    _require(b.norm in ("frozen_bn", "bn", "gn"), f"{prefix}.backbone.norm", "must be frozen_bn, bn or gn")
+    _require(0 <= b.trainable_layers <= 5, f"{prefix}.backbone.trainable_layers", "must be in 0..5")
+    _require(b.fpn_channels >= 1, f"{prefix}.backbone.fpn_channels", "must be >= 1")
+    _require(b.p6_input in ("c5", "p5"), f"{prefix}.backbone.p6_input", "must be c5 or p5")
+    a = m.anchors
+    _require(len(a.sizes) == 5, f"{prefix}.anchors.sizes", "needs one base size per level P3..P7 (5)")
+    _require(all(s > 0 for s in a.sizes + a.scales + a.aspect_ratios), f"{prefix}.anchors", "must be > 0")
+    mt = m.matcher
+    _require(0 < mt.bg_iou <= mt.fg_iou <= 1, f"{prefix}.matcher", "needs 0 < bg_iou <= fg_iou <= 1")
+    h = m.head
+    _require(0 < h.prior < 1, f"{prefix}.head.prior", "π must be in (0, 1)")
+    _require(h.norm in ("none", "gn"), f"{prefix}.head.norm", "must be none or gn")
+    _require(h.num_convs >= 0, f"{prefix}.head.num_convs", "must be >= 0")
+    lo = m.loss
+    _require(lo.gamma >= 0 and math.isfinite(lo.gamma), f"{prefix}.loss.gamma", "γ must be >= 0")
+    _require(lo.alpha < 0 or lo.alpha <= 1, f"{prefix}.loss.alpha", "α must be in [0, 1] (or < 0 to disable)")
+    _require(lo.box_loss in ("l1", "smooth_l1", "giou"), f"{prefix}.loss.box_loss", "must be l1, smooth_l1, giou")
+    _require(lo.smooth_l1_beta >= 0, f"{prefix}.loss.smooth_l1_beta", "must be >= 0")
+    p = m.postprocess
+    _require(0 <= p.score_thresh < 1, f"{prefix}.postprocess.score_thresh", "must be in [0, 1)")
+    _require(p.topk_candidates >= 1, f"{prefix}.postprocess.topk_candidates", "must be >= 1")
+    _require(p.detections_per_img >= 1, f"{prefix}.postprocess.detections_per_img", "must be >= 1")
+    i = m.input
+    _require(0 < i.min_size <= i.max_size, f"{prefix}.input", "needs 0 < min_size <= max_size")
+    _require(i.size_divisible >= 1, f"{prefix}.input.size_divisible", "must be >= 1")
+    _require(len(i.image_mean) == 3 and len(i.image_std) == 3, f"{prefix}.input", "mean/std need 3 values")
+    _require(all(s > 0 for s in i.image_std), f"{prefix}.input.image_std", "must be > 0")
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that types alone cannot express. Sections added later extend this."""
+    if isinstance(cfg, ModelConfig):
+        validate_model(cfg)
+        return
+    if hasattr(cfg, "model"):
+        validate_model(cfg.model)
+    if hasattr(cfg, "data"):
+        d = cfg.data
+        _require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
+        _require(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size", "must be >= 1")
+        _require(all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes", "must be > 0")

@@ -1,0 +1,27 @@
+"""Shared fixtures. Integration fixtures (Ray, servers) are session-scoped: each costs seconds to start."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep the suite inside the 2-core machine: torch's intra-op threads compete with Ray workers otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster for the whole session, dashboard on loopback (Train V2 under Tune needs it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
