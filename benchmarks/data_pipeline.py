@@ -1,0 +1,156 @@
+"""Images/s of the Ray Data input path vs a torch DataLoader doing the same work, on this machine.
+
+    python benchmarks/data_pipeline.py [--num-images 300] [--min-size 512] [--max-size 853] [--batch-size 8]
+
+Both sides produce the same contract batches (retina.data.collate) from the same synthetic JPEGs with the same
+training transform (decode → random scale from [min_size] → random flip → normalise → pad to 128):
+- Ray Data: Parquet shards → read_parquet → per-epoch row shuffle → map_batches(decode, resize, flip) →
+  iter_torch_batches(collate_fn) (what a Ray Train worker runs), Ray limited to `--cpus` CPUs;
+- torch DataLoader: a map-style Dataset reading the JPEG files, `--cpus` workers (forkserver), shuffle=True.
+Each side runs `--epochs` epochs; the table reports the steady-state rate (epochs after the first, which pays
+for worker start-up) and the first epoch separately. Shard preparation is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from retina.data.collate import collate_samples  # noqa: E402
+from retina.data.transforms import TrainAugment, decode_image  # noqa: E402
+
+
+class JpegDataset(torch.utils.data.Dataset):
+    """The DataLoader side: one JPEG from disk per item, same decode + transform as the Ray path."""
+
+    def __init__(self, root: Path, annotations: Path, augment: TrainAugment) -> None:
+        coco = json.loads(annotations.read_text())
+        boxes: dict[int, list] = {i["id"]: [] for i in coco["images"]}
+        labels: dict[int, list] = {i["id"]: [] for i in coco["images"]}
+        index = {c["id"]: k for k, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+        for a in coco["annotations"]:
+            if not a["iscrowd"]:
+                x, y, w, h = a["bbox"]
+                boxes[a["image_id"]].append([x, y, x + w, y + h])
+                labels[a["image_id"]].append(index[a["category_id"]])
+        self.items = [
+            (root / i["file_name"], i["id"], np.array(boxes[i["id"]], np.float32).reshape(-1, 4), labels[i["id"]])
+            for i in coco["images"]
+        ]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int):
+        path, image_id, boxes, labels = self.items[idx]
+        image = decode_image(path.read_bytes(), str(path)).image
+        rng = np.random.default_rng()  # fresh entropy per item: workers must not share one stream
+        return self.augment(image, boxes, np.asarray(labels, np.int64), image_id, rng)
+
+
+def _collate(samples):
+    return collate_samples(samples)
+
+
+def _run_epochs(make_iter, epochs: int) -> list[tuple[int, float]]:
+    """[(images, seconds)] per epoch."""
+    out = []
+    for _ in range(epochs):
+        start, n = time.perf_counter(), 0
+        for batch in make_iter():
+            n += int(batch["images"].shape[0])
+        out.append((n, time.perf_counter() - start))
+    return out
+
+
+def bench_dataloader(root: Path, ann: Path, augment: TrainAugment, args) -> list[tuple[int, float]]:
+    loader = torch.utils.data.DataLoader(
+        JpegDataset(root, ann, augment),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.cpus,
+        multiprocessing_context="forkserver",
+        persistent_workers=True,
+        collate_fn=_collate,
+    )
+    return _run_epochs(lambda: iter(loader), args.epochs)
+
+
+def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str) -> list[tuple[int, float]]:
+    from pipelines.data import build_dataset, make_collate_fn
+
+    ds = build_dataset(
+        shards,
+        train=True,
+        min_sizes=augment.min_sizes,
+        max_size=augment.max_size,
+        flip_prob=augment.flip_prob,
+        seed=0,
+        shuffle=shuffle,
+    )
+    collate = make_collate_fn()
+    return _run_epochs(lambda: ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args.epochs)
+
+
+def _rates(epochs: list[tuple[int, float]]) -> tuple[float, float]:
+    first = epochs[0][0] / epochs[0][1]
+    rest = epochs[1:] or epochs
+    return first, sum(n for n, _ in rest) / sum(s for _, s in rest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--min-size", type=int, default=512)
+    parser.add_argument("--max-size", type=int, default=853)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
+    parser.add_argument("--workdir", default=None, help="where to put the synthetic data (default: a temp dir)")
+    args = parser.parse_args()
+
+    import ray
+
+    from pipelines.prepare_data import prepare
+    from retina.data.synthetic import generate
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="retina-bench-"))
+    ann = generate(work / "raw", args.num_images, seed=0)
+    augment = TrainAugment([args.min_size], args.max_size, 0.5)
+    torch.set_num_threads(1)  # the consumer only normalises and pads; keep the cores for the workers
+
+    dl = bench_dataloader(work / "raw" / "images", ann, augment, args)
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    prepare(ann, work / "raw" / "images", work / "shards", overwrite=True)
+    results = {"torch DataLoader": dl}
+    for shuffle in ("rows", "files"):
+        results[f"Ray Data (shuffle={shuffle})"] = bench_ray(str(work / "shards"), augment, args, shuffle)
+    ray.shutdown()
+
+    dl_rate = _rates(dl)[1]
+    print(
+        f"\n{args.num_images} synthetic images (192-320 px) → min_size {args.min_size} / max_size {args.max_size}, "
+        f"batch {args.batch_size}, {args.cpus} CPUs, {args.epochs} epochs\n"
+    )
+    print("| input path | first epoch (img/s) | steady state (img/s) | ratio vs DataLoader |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, epochs in results.items():
+        first, steady = _rates(epochs)
+        print(f"| {name} | {first:.1f} | {steady:.1f} | {steady / dl_rate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Prepared shards (local or s3://) → Ray Datasets of model-ready samples, the label map and the COCO GT.
+
+How a Ray Train worker consumes it::
+
+    train_ds = build_dataset(cfg.data.train_shards, train=True, min_sizes=[...], max_size=..., seed=cfg_seed)
+    val_ds = build_dataset(cfg.data.val_shards, train=False, min_sizes=[min_size], max_size=...)
+    trainer = TorchTrainer(..., datasets={"train": train_ds, "val": val_ds},
+                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    # in the worker loop:
+    collate = make_collate_fn(model_cfg.input)   # the batch contract of retina.data.collate
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=b, collate_fn=collate): ...
+
+The heavy work (decode, resize, flip) runs in ``map_batches`` tasks on CPU; each output row holds the resized
+image as uint8 (h, w, 3) — 4x less Arrow/object-store traffic than float32 — and the collate function only
+normalises and pads (see the batch contract in `retina.data.collate`).
+
+Randomness: every execution of a train dataset (one per epoch) reshuffles rows and redraws the scale/flip of
+each image, reproducibly from `seed` (Ray's RandomSeedConfig / ``random()`` expression with
+``reseed_after_execution``). Validation never augments; its rows come in shard (image id) order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.expressions import random as random_expr
+
+from cluster import s3
+from retina.data.coco import DataError, LabelMap, coco_gt_from_rows
+from retina.data.collate import BatchCollator
+from retina.data.transforms import EvalTransform, TrainAugment, decode_image
+
+MANIFEST = "manifest.json"
+META_COLUMNS = ["image_id", "file_name", "height", "width", "boxes", "labels", "crowd_boxes", "crowd_labels"]
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def load_manifest(location: str, settings: s3.S3Settings | None = None) -> dict[str, Any]:
+    """The manifest of a prepared shard folder; DataError naming the path when it is missing or malformed."""
+    path = s3.join(location, MANIFEST)
+    try:
+        import json
+
+        manifest = json.loads(s3.read_bytes(path, settings))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest; run pipelines/prepare_data.py for this folder first") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: malformed manifest: {exc}") from None
+    if not manifest.get("shards"):
+        raise DataError(f"{path}: the manifest lists no shards")
+    return manifest
+
+
+def label_map(manifest: dict[str, Any]) -> LabelMap:
+    """Contiguous label ↔ COCO category id, from the manifest's categories."""
+    return LabelMap.from_json(manifest["categories"])
+
+
+def shard_paths(location: str, manifest: dict[str, Any]) -> list[str]:
+    """Full paths of the shards this run wrote (never any other file in the folder)."""
+    return [s3.join(location, s["path"]) for s in manifest["shards"]]
+
+
+def _settings_for(location: str) -> s3.S3Settings | None:
+    return s3.S3Settings.from_env() if s3.is_s3(location) else None
+
+
+def read_shards(location: str, columns: Sequence[str] | None = None, **read_kwargs: Any) -> ray.data.Dataset:
+    """The listed shards as a Ray Dataset of raw shard rows (image bytes unless `columns` leaves them out)."""
+    settings = _settings_for(location)
+    manifest = load_manifest(location, settings)
+    fs, _ = s3.arrow_filesystem(location, settings)
+    paths = [s3.arrow_filesystem(p, settings)[1] for p in shard_paths(location, manifest)]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None, **read_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def _to_samples(batch: dict[str, np.ndarray], transform: Any, train: bool, image_format: str) -> dict[str, Any]:
+    """map_batches UDF: shard rows (encoded bytes) → model-ready rows.
+
+    Output columns per row: "image" uint8 (h, w, 3) [or float32 (3, h, w) normalised-free 0..1 when
+    image_format="float32"], "image_size" int64 (2,) (h, w) after resize, "orig_size" int64 (2,), "boxes" float32
+    flattened xyxy in resized pixels, "labels" int64, "image_id" int64.
+    """
+    out: dict[str, list[Any]] = {k: [] for k in ("image", "image_size", "orig_size", "boxes", "labels", "image_id")}
+    seeds = batch.get("aug_seed")
+    for i in range(len(batch["image_id"])):
+        labels = np.asarray(batch["labels"][i], dtype=np.int64)
+        if train and len(labels) == 0 and len(batch["crowd_boxes"][i]) > 0:
+            continue  # only crowd regions: no target and no trustworthy background (counted in the manifest)
+        name = f"shard row image id {batch['image_id'][i]} ({batch['file_name'][i]})"
+        image = decode_image(batch["image"][i], name).image  # (H, W, 3) uint8
+        if image.shape[:2] != (batch["height"][i], batch["width"][i]):
+            raise DataError(f"{name}: decoded size {image.shape[:2]} differs from the shard's height/width")
+        rng = np.random.default_rng(int(seeds[i] * 2**53)) if seeds is not None else None
+        boxes = np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)
+        sample = transform(image, boxes, labels, int(batch["image_id"][i]), rng)
+        img = sample.image
+        if image_format == "float32":
+            img = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / 255.0  # (3, h, w) in 0..1
+        out["image"].append(img)
+        out["image_size"].append(np.asarray(sample.image_size, dtype=np.int64))
+        out["orig_size"].append(np.asarray(sample.orig_size, dtype=np.int64))
+        out["boxes"].append(sample.boxes.reshape(-1))
+        out["labels"].append(sample.labels)
+        out["image_id"].append(sample.image_id)
+    if not out["image_id"]:
+        return {k: np.empty((0,), dtype=np.int64) for k in out}  # keeps the block valid when all rows drop
+    return {
+        "image": out["image"],  # ragged → Ray stores a variable-shaped tensor column
+        "image_size": np.stack(out["image_size"]),
+        "orig_size": np.stack(out["orig_size"]),
+        "boxes": out["boxes"],
+        "labels": out["labels"],
+        "image_id": np.asarray(out["image_id"], dtype=np.int64),
+    }
+
+
+def build_dataset(
+    location: str,
+    *,
+    train: bool,
+    min_sizes: Sequence[int],
+    max_size: int,
+    flip_prob: float = 0.5,
+    seed: int | None = None,
+    shuffle: str = "rows",
+    batch_size: int = 16,
+    image_format: str = "uint8",
+) -> ray.data.Dataset:
+    """Shards at `location` → a lazily executed Dataset of model-ready rows (see `_to_samples`).
+
+    train=True: multi-scale (a random shorter side from `min_sizes`) + horizontal flip with `flip_prob`, rows
+    reshuffled every epoch: shuffle="rows" (a full random_shuffle of the encoded rows, exact) or "files"
+    (file and block order only, cheap for large datasets; add ``local_shuffle_buffer_size`` when iterating).
+    images containing only crowd regions are left out. train=False: resize to ``min_sizes[0]``, no
+    augmentation, rows in shard order.
+    """
+    if image_format not in ("uint8", "float32"):
+        raise ValueError(f"image_format must be uint8 or float32, got {image_format!r}")
+    if shuffle not in ("rows", "files", "none"):
+        raise ValueError(f"shuffle must be rows, files or none, got {shuffle!r}")
+    if not min_sizes:
+        raise ValueError("min_sizes must name at least one shorter-side size")
+    if train:
+        from ray.data import FileShuffleConfig
+        from ray.data._internal.random_config import RandomSeedConfig
+
+        file_shuffle = FileShuffleConfig(seed=seed) if shuffle != "none" else None
+        ds = read_shards(location, shuffle=file_shuffle)
+        if shuffle == "rows":
+            ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+        elif shuffle == "files":
+            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+        # one uniform number per row and epoch seeds that row's scale/flip draw: reproducible, new every epoch
+        ds = ds.with_column("aug_seed", random_expr(seed=seed, reseed_after_execution=True))
+        transform: Any = TrainAugment(list(min_sizes), max_size, flip_prob)
+    else:
+        ds = read_shards(location)
+        ds.context.execution_options.preserve_order = True  # evaluation order = shard order (image id)
+        transform = EvalTransform(int(min_sizes[0]), max_size)
+    return ds.map_batches(
+        _to_samples,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"transform": transform, "train": train, "image_format": image_format},
+    )
+
+
+def datasets_from_config(cfg: Any, seed: int | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset, LabelMap]:
+    """(train, val, label map) from a `retina.config.Config`: data.* locations and model.input sizes."""
+    inp = cfg.model.input
+    min_sizes = list(cfg.data.train_min_sizes) or [inp.min_size]
+    train = build_dataset(
+        cfg.data.train_shards,
+        train=True,
+        min_sizes=min_sizes,
+        max_size=inp.max_size,
+        flip_prob=cfg.data.flip_prob,
+        seed=cfg.data.synthetic_seed if seed is None else seed,
+    )
+    val = build_dataset(cfg.data.val_shards, train=False, min_sizes=[inp.min_size], max_size=inp.max_size)
+    return train, val, label_map(load_manifest(cfg.data.train_shards, _settings_for(cfg.data.train_shards)))
+
+
+class RayCollateFn(NumpyBatchCollateFn):
+    """`BatchCollator` in the class form Ray Data asks for (plain functions are deprecated since Ray 2.47)."""
+
+    def __init__(self, collator: BatchCollator) -> None:
+        super().__init__()
+        self.collator = collator
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.collator(batch)
+
+
+def make_collate_fn(input_cfg: Any | None = None) -> RayCollateFn:
+    """``collate_fn`` for ``iter_torch_batches``: normalise with InputConfig's mean/std, pad to size_divisible."""
+    return RayCollateFn(BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator())
+
+
+# ------------------------------------------------------------------------------------------------ evaluation GT
+
+
+def coco_gt_from_shards(location: str) -> dict[str, Any]:
+    """COCO ground truth (images, annotations incl. iscrowd, original category ids) for pycocotools.
+
+    Reads only the small columns, directly with pyarrow on the driver (no image bytes, no Ray tasks).
+    """
+    settings = _settings_for(location)
+    manifest = load_manifest(location, settings)
+    rows: list[dict[str, Any]] = []
+    for path in shard_paths(location, manifest):
+        fs, inner = s3.arrow_filesystem(path, settings)
+        try:
+            with fs.open_input_file(inner) as f:
+                table = pq.read_table(f, columns=META_COLUMNS)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read shard: {exc}") from None
+        rows.extend(table.to_pylist())
+    return coco_gt_from_rows(rows, label_map(manifest))

@@ -1,0 +1,133 @@
+"""COCO box evaluation with pycocotools: {"AP", "AP50", "AP75", "APs", "APm", "APl"}.
+
+- Ground truth is a COCO dict (e.g. `retina.data.coco.coco_gt_from_rows` / ``pipelines.data.coco_gt_from_shards``);
+  ``iscrowd=1`` regions are honoured the COCO way: detections matched to them count neither as true nor false
+  positives.
+- Zero detections give 0.0 for every metric instead of a crash (pycocotools' ``loadRes([])`` raises IndexError).
+- pycocotools reports -1 for a metric with no ground truth at all (e.g. APs when no object is small); we report
+  0.0 so that metric logs stay finite, and list the affected names in ``CocoEvalResult.undefined``.
+- pycocotools' prints are captured into ``CocoEvalResult.report`` (the usual 12-line summary) for logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
+
+
+@dataclass
+class CocoEvalResult:
+    metrics: dict[str, float]  # METRICS → value in [0, 1]; 0.0 where undefined
+    report: str  # pycocotools' printed summary
+    undefined: list[str] = field(default_factory=list)  # metrics pycocotools reported as -1 (no GT in range)
+
+
+def _coco_from_dict(gt: Mapping[str, Any]) -> COCO:
+    coco = COCO()
+    dataset = copy.deepcopy(dict(gt))
+    dataset.setdefault("info", {})  # loadRes copies it on some pycocotools versions
+    dataset.setdefault("licenses", [])
+    coco.dataset = dataset
+    coco.createIndex()
+    return coco
+
+
+def _check_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> None:
+    image_ids = {int(img["id"]) for img in gt["images"]}
+    category_ids = {int(c["id"]) for c in gt["categories"]}
+    for i, det in enumerate(detections):
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in det:
+                raise ValueError(f"detection {i}: missing field '{key}'")
+        if int(det["image_id"]) not in image_ids:
+            raise ValueError(f"detection {i}: image_id {det['image_id']} is not in the ground truth")
+        if int(det["category_id"]) not in category_ids:
+            raise ValueError(f"detection {i}: category_id {det['category_id']} is not a ground-truth category")
+        if len(det["bbox"]) != 4:
+            raise ValueError(f"detection {i}: bbox must be [x, y, w, h], got {det['bbox']!r}")
+
+
+def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> CocoEvalResult:
+    """Full evaluation: metrics, the printed summary, and which metrics were undefined."""
+    _check_detections(gt, detections)
+    if len(detections) == 0:
+        return CocoEvalResult({k: 0.0 for k in METRICS}, "no detections: every metric is 0.0\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        coco_gt = _coco_from_dict(gt)
+        results = [
+            {
+                "image_id": int(d["image_id"]),
+                "category_id": int(d["category_id"]),
+                "bbox": [float(v) for v in d["bbox"]],
+                "score": float(d["score"]),
+            }
+            for d in detections
+        ]
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [float(s) for s in evaluator.stats[: len(METRICS)]]
+    undefined = [name for name, s in zip(METRICS, stats, strict=True) if s < 0]
+    metrics = {name: (max(s, 0.0) if np.isfinite(s) else 0.0) for name, s in zip(METRICS, stats, strict=True)}
+    return CocoEvalResult(metrics, out.getvalue(), undefined)
+
+
+def evaluate_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """COCO GT dict + COCO results list → {"AP", "AP50", "AP75", "APs", "APm", "APl"} (0.0 where undefined)."""
+    return coco_evaluate(gt, detections).metrics
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def boxes_to_original(boxes: Any, image_size: Sequence[int], orig_size: Sequence[int]) -> np.ndarray:
+    """(N, 4) xyxy in resized-image pixels → original-image pixels (per-axis ratios, as `resize_boxes` inverted)."""
+    b = _as_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    ry = float(orig_size[0]) / float(image_size[0])
+    rx = float(orig_size[1]) / float(image_size[1])
+    return b * np.array([rx, ry, rx, ry])
+
+
+def detections_to_coco(
+    image_ids: Sequence[int],
+    predictions: Sequence[Mapping[str, Any]],
+    coco_ids: Sequence[int] | Any,
+) -> list[dict[str, Any]]:
+    """Model outputs → COCO results list.
+
+    `predictions[i]` holds "boxes" (N, 4) xyxy in original-image pixels, "scores" (N,), "labels" (N,) contiguous
+    0..K-1, for image `image_ids[i]`. `coco_ids` maps label → COCO category id: a sequence (label i →
+    coco_ids[i]) or a `retina.data.coco.LabelMap`.
+    """
+    ids = list(getattr(coco_ids, "coco_ids", coco_ids))
+    results = []
+    for image_id, pred in zip(image_ids, predictions, strict=True):
+        boxes = _as_numpy(pred["boxes"]).astype(np.float64).reshape(-1, 4)
+        scores = _as_numpy(pred["scores"]).reshape(-1)
+        labels = _as_numpy(pred["labels"]).reshape(-1)
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(ids[int(label)]),
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                    "score": float(score),
+                }
+            )
+    return results

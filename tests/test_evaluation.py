@@ -1,0 +1,97 @@
+"""COCO evaluation (retina.evaluation) with real pycocotools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retina.data.coco import LabelMap
+from retina.evaluation import (
+    METRICS,
+    boxes_to_original,
+    coco_evaluate,
+    detections_to_coco,
+    evaluate_detections,
+)
+
+
+def _gt() -> dict:
+    return {
+        "images": [{"id": 1, "height": 200, "width": 200}, {"id": 4, "height": 100, "width": 300}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 90, "bbox": [100, 100, 80, 90], "area": 7200, "iscrowd": 0},
+            {"id": 3, "image_id": 4, "category_id": 3, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 4, "image_id": 4, "category_id": 3, "bbox": [150, 0, 150, 100], "area": 15000, "iscrowd": 1},
+        ],
+        "categories": [{"id": 3, "name": "square"}, {"id": 90, "name": "star"}],
+    }
+
+
+def _perfect(gt: dict) -> list[dict]:
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+        if not a["iscrowd"]
+    ]
+
+
+def test_perfect_detections_score_one():
+    metrics = evaluate_detections(_gt(), _perfect(_gt()))
+    assert set(metrics) == set(METRICS)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+
+
+def test_zero_detections_score_zero_without_crashing():
+    assert evaluate_detections(_gt(), []) == {k: 0.0 for k in METRICS}
+
+
+def test_detections_inside_crowd_regions_are_ignored():
+    dets = _perfect(_gt())
+    crowd_hits = [
+        {"image_id": 4, "category_id": 3, "bbox": [160 + 10 * i, 10, 30, 30], "score": 0.99} for i in range(5)
+    ]
+    assert evaluate_detections(_gt(), dets + crowd_hits)["AP"] == pytest.approx(1.0)
+    # the same detections without the crowd region are false positives ranked first: AP drops
+    gt = _gt()
+    gt["annotations"] = [a for a in gt["annotations"] if not a["iscrowd"]]
+    assert evaluate_detections(gt, dets + crowd_hits)["AP"] < 0.9
+
+
+def test_undefined_area_ranges_are_zero_and_listed_and_prints_captured(capsys):
+    gt = _gt()
+    gt["annotations"] = [gt["annotations"][1]]  # only a medium object (area 7200): no small or large GT
+    result = coco_evaluate(gt, _perfect(gt))
+    assert result.metrics["APm"] == pytest.approx(1.0)
+    assert result.metrics["APs"] == 0.0 and set(result.undefined) == {"APs", "APl"}
+    assert "Average Precision" in result.report
+    assert capsys.readouterr().out == ""  # nothing leaked to stdout
+
+
+def test_unknown_image_or_category_in_detections_is_an_error():
+    with pytest.raises(ValueError, match="image_id 7"):
+        evaluate_detections(_gt(), [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1}])
+    with pytest.raises(ValueError, match="category_id 5"):
+        evaluate_detections(_gt(), [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1], "score": 1}])
+
+
+def test_model_outputs_map_back_to_coco_ids_and_xywh():
+    label_map = LabelMap((3, 90), ("square", "star"))
+    preds = [
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [100.0, 100.0, 180.0, 190.0]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([0, 1]),
+        },
+        {"boxes": np.array([[5.0, 5.0, 25.0, 25.0]]), "scores": np.array([0.7]), "labels": np.array([0])},
+    ]
+    results = detections_to_coco([1, 4], preds, label_map)
+    assert results[1] == {
+        "image_id": 1,
+        "category_id": 90,
+        "bbox": [100.0, 100.0, 80.0, 90.0],
+        "score": pytest.approx(0.8),
+    }
+    assert evaluate_detections(_gt(), results)["AP"] == pytest.approx(1.0)
+    np.testing.assert_allclose(boxes_to_original([[10, 20, 30, 40]], (100, 200), (50, 400)), [[20, 10, 60, 20]])
