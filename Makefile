@@ -22,9 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
-	@if [ -f pipelines/train.py ]; then $(PY) pipelines/train.py --config configs/demo.yaml; \
-	else $(PY) -m retina.data.synthetic --output data/sample/train --num-images 200 --seed 0 && \
-	echo "sample data written to data/sample/train; the training pipeline (pipelines/train.py) is not built yet"; fi
+	$(PY) pipelines/train.py --config configs/demo.yaml
 
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

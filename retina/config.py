@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,12 +109,141 @@ class DataConfig:
     flip_prob: float = 0.5
     batch_size: int = 16  # global images per step, split across workers
     val_batch_size: int = 8  # per worker
+    synthetic_val_images: int = 0  # size of the generated val split (its own seed: synthetic_seed + 1)
+    # rows: an exact random_shuffle of the train rows every epoch (an all-to-all barrier at each epoch start);
+    # files: shard and block order only, plus a local shuffle buffer per worker (no barrier: small/CPU runs)
+    shuffle: str = "rows"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. Defaults: the paper's COCO 1x schedule (Detectron's RetinaNet settings)."""
+
+    max_steps: int = 90_000  # optimizer steps (iterations); epochs follow from the data size
+    base_lr: float = 0.01  # for `base_batch_size` images per step; scaled linearly with data.batch_size
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500  # linear warm-up from warmup_factor * lr (Detectron: 500 iters from 1/3)
+    warmup_factor: float = 1 / 3
+    lr_steps: list[int] = field(default_factory=lambda: [60_000, 80_000])  # iterations where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping (the paper does not clip)
+    amp: str = "none"  # none | bf16 (autocast, GPU) | fp16 (autocast + GradScaler, GPU)
+    seed: int = 0
+    log_every: int = 20  # steps between loss/lr/throughput logs
+    eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
+    num_logged_images: int = 4  # val images drawn with predicted and true boxes into MLflow
+    # Fault-injection hooks for the tests (never set them in a real run): rank 1 (or 0 with one worker)
+    # raises at `fail_at_step` once, remembered by creating `fail_marker`; the loss turns NaN at `nan_at_step`.
+    fail_at_step: int = -1
+    fail_marker: str = ""
+    nan_at_step: int = -1
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers and what each one holds. Default: one 8-GPU node (2 images per GPU)."""
+
+    num_workers: int = 8
+    use_gpu: bool = True
+    cpus_per_worker: float = 4.0  # also the worker's torch intra-op threads on CPU
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, e.g. {"A100": 1}
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. The same name + storage_path resumes the run instead of starting over."""
+
+    name: str = "retinanet_r50_fpn_1x"
+    storage_path: str = "runs"  # local folder (relative to the working directory) or s3://bucket/prefix
+    num_to_keep: int = 2  # best checkpoints by val/AP (Ray always keeps the latest one too)
+    max_failures: int = 3  # worker failures to recover from (from the latest checkpoint)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. tracking_uri: this value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd."""
+
+    tracking_uri: str = ""
+    experiment: str = "retina"
+    registered_model_name: str = "retinanet"
+    alias: str = "champion"  # set on the new model version when its final val/AP >= alias_min_ap
+    alias_min_ap: float = 0.0
+
+
+@dataclass
+class SearchDimConfig:
+    """One hyperparameter of the search (ranges checked by tuning/space.py before any trial starts)."""
+
+    kind: str = "uniform"  # uniform | loguniform | choice (one of `values`) | fixed (the base config's value)
+    low: float = 0.0
+    high: float = 1.0
+    values: list[float] = field(default_factory=list)  # choice: the candidates; grid: the points, when given
+
+
+# One class per hyperparameter so that a partial override (`--set tuning.gamma.high=3`) keeps that
+# hyperparameter's own defaults: the config loader fills a section from its class's field defaults.
+@dataclass
+class GammaSearchConfig(SearchDimConfig):  # model.loss.gamma
+    high: float = 5.0
+
+
+@dataclass
+class AlphaSearchConfig(SearchDimConfig):  # model.loss.alpha
+    low: float = 0.1
+    high: float = 0.9
+
+
+@dataclass
+class PriorSearchConfig(SearchDimConfig):  # model.head.prior (π)
+    kind: str = "loguniform"
+    low: float = 1e-3
+    high: float = 0.2
+
+
+@dataclass
+class LrSearchConfig(SearchDimConfig):  # train.base_lr; not searched unless its kind is set
+    kind: str = "fixed"
+    low: float = 1e-3
+    high: float = 0.05
+
+
+@dataclass
+class TuningConfig:
+    """Ray Tune search over the focal-loss hyperparameters (tuning/search.py); trials maximise val/AP."""
+
+    name: str = ""  # Tune experiment name; "" = <run.name>_search. The same name + storage_path resumes
+    storage_path: str = ""  # "" = run.storage_path
+    num_samples: int = 8
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
+    search_alg: str = "tpe"  # tpe (Optuna, seeded) | random (Optuna, seeded) | grid
+    scheduler: str = "asha"  # asha (stops weak trials early, by epoch) | none
+    seed: int = 0
+    tpe_startup_trials: int = 5  # random suggestions before TPE models the results
+    grid_points: int = 3  # grid: evenly spaced points per searched range (log-spaced for loguniform)
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: keeps the best 1/reduction_factor at each rung
+    driver_cpus: float = 0.25  # the trial's own process (it only drives a TorchTrainer)
+    max_failures: int = 0  # Tune-level retries of a failed trial (worker failures: run.max_failures)
+    gamma: GammaSearchConfig = field(default_factory=GammaSearchConfig)
+    alpha: AlphaSearchConfig = field(default_factory=AlphaSearchConfig)
+    prior: PriorSearchConfig = field(default_factory=PriorSearchConfig)
+    lr: LrSearchConfig = field(default_factory=LrSearchConfig)
+    # Fault-injection hook for the tests (never set it in a real run): these trials (0-based creation order)
+    # get train.nan_at_step=0, so their loss turns NaN at the first step.
+    nan_trials: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -145,7 +275,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_check_type(k, key_tp, key): _check_type(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -318,3 +449,68 @@ def validate(cfg: Any) -> None:
         _require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
         _require(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size", "must be >= 1")
         _require(all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes", "must be > 0")
+        _require(d.synthetic_images >= 0, "data.synthetic_images", "must be >= 0")
+        _require(d.synthetic_val_images >= 0, "data.synthetic_val_images", "must be >= 0")
+        _require(d.shuffle in ("rows", "files"), "data.shuffle", "must be rows or files")
+    if hasattr(cfg, "train"):
+        validate_train(cfg.train)
+    if hasattr(cfg, "scaling"):
+        s = cfg.scaling
+        _require(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        _require(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        _require(all(v >= 0 for v in s.resources_per_worker.values()), "scaling.resources_per_worker", "must be >= 0")
+        _require(
+            not {"CPU", "GPU"} & set(s.resources_per_worker),
+            "scaling.resources_per_worker",
+            "CPU/GPU come from scaling.cpus_per_worker / scaling.use_gpu",
+        )
+    if hasattr(cfg, "scaling") and hasattr(cfg, "data"):
+        _require(
+            cfg.data.batch_size % cfg.scaling.num_workers == 0,
+            "data.batch_size",
+            f"{cfg.data.batch_size} images per step do not split evenly over scaling.num_workers="
+            f"{cfg.scaling.num_workers}",
+        )
+    if hasattr(cfg, "scaling") and hasattr(cfg, "train"):
+        _require(
+            cfg.train.amp != "fp16" or cfg.scaling.use_gpu,
+            "train.amp",
+            "fp16 needs scaling.use_gpu=true (use bf16 or none on CPU)",
+        )
+    if hasattr(cfg, "run"):
+        r = cfg.run
+        _require(bool(_RUN_NAME.fullmatch(r.name)), "run.name", "must be 1-128 characters of [A-Za-z0-9_.-]")
+        _require(bool(r.storage_path), "run.storage_path", "must not be empty")
+        _require(r.num_to_keep >= 1, "run.num_to_keep", "must be >= 1")
+        _require(r.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1: retry forever)")
+    if hasattr(cfg, "tracking"):
+        t = cfg.tracking
+        _require(bool(t.experiment), "tracking.experiment", "must not be empty")
+        _require(bool(t.registered_model_name), "tracking.registered_model_name", "must not be empty")
+        # MLflow rejects aliases that look like versions ("v3") and the reserved "latest".
+        ok_alias = t.alias == "" or (_ALIAS.fullmatch(t.alias) and t.alias.lower() != "latest")
+        _require(bool(ok_alias), "tracking.alias", "must be empty or a name like 'champion' (not 'latest', not v<N>)")
+        _require(0 <= t.alias_min_ap <= 1, "tracking.alias_min_ap", "must be in [0, 1]")
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_ALIAS = re.compile(r"(?![vV]\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(t.base_lr > 0 and math.isfinite(t.base_lr), "train.base_lr", "must be a finite number > 0")
+    _require(t.base_batch_size >= 1, "train.base_batch_size", "must be >= 1")
+    _require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+    _require(0 < t.warmup_factor <= 1, "train.warmup_factor", "must be in (0, 1]")
+    _require(t.lr_steps == sorted(t.lr_steps), "train.lr_steps", "must be increasing")
+    _require(all(s >= 1 for s in t.lr_steps), "train.lr_steps", "must be >= 1 (iterations)")
+    _require(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(t.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
+    _require(t.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")
+    _require(t.fail_at_step < 0 or bool(t.fail_marker), "train.fail_marker", "is required with train.fail_at_step")

@@ -1,0 +1,95 @@
+"""Training checkpoints: one ``state.pt`` that loads with ``torch.load(weights_only=True)``.
+
+Contents: model / optimizer / scheduler / GradScaler state dicts, step, epoch, the run config and the label map.
+The config and label map are stored as JSON text (plain strings), never as pickled objects, so a checkpoint from
+an untrusted place cannot run code when it is loaded (weights_only refuses anything but tensors and containers).
+
+A checkpoint is never written with non-finite weights: `save_checkpoint` checks every floating tensor first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+FORMAT = "retina-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, of another format or would hold non-finite weights."""
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps done
+    epoch: int  # epochs completed
+    config: dict[str, Any]
+    label_map: list[dict[str, Any]]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+
+
+def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> Path:
+    """Write ``state.pt`` into `directory` (created) and return its path."""
+    bad = _non_finite(state.model)
+    if bad:
+        raise CheckpointError(f"refusing to write a checkpoint at step {state.step}: non-finite weights in {bad[:5]}")
+    payload = {
+        "format": FORMAT,
+        "step": int(state.step),
+        "epoch": int(state.epoch),
+        "config_json": json.dumps(state.config, sort_keys=True),
+        "label_map_json": json.dumps(state.label_map),
+        "metrics_json": json.dumps(state.metrics or {}, sort_keys=True),
+        "model": state.model,
+        "optimizer": state.optimizer,
+        "scheduler": state.scheduler,
+        "scaler": state.scaler,
+    }
+    path = Path(directory) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainState:
+    """Read ``state.pt`` from a local checkpoint directory with weights_only=True; errors name the path."""
+    path = Path(directory) / STATE_FILE
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint state file") from None
+    except Exception as exc:  # truncated/corrupt file or a pickle with code in it
+        raise CheckpointError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    return TrainState(
+        step=payload["step"],
+        epoch=payload["epoch"],
+        config=json.loads(payload["config_json"]),
+        label_map=json.loads(payload["label_map_json"]),
+        metrics=json.loads(payload["metrics_json"]),
+        model=payload["model"],
+        optimizer=payload["optimizer"],
+        scheduler=payload["scheduler"],
+        scaler=payload["scaler"],
+    )
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only finite numbers (what MLflow and checkpoint scores can hold)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

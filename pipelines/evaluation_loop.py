@@ -1,0 +1,131 @@
+"""Distributed evaluation inside the Ray Train workers: every rank predicts its part of the val split, rank 0
+gathers the predictions and runs pycocotools' COCOeval (crowd regions honoured) → ``val/AP`` ... ``val/APl``.
+
+Unequal val parts (C8) cannot hang: inference runs on the bare model (no DDP collectives per batch), and the
+only collective is one `gather_object` per evaluation, which every rank reaches after its own last batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from retina.evaluation import CocoEvalResult, coco_evaluate, detections_to_coco
+from retina.model import RetinaNet
+
+
+@dataclass
+class VisualSample:
+    """One val image for the MLflow gallery, in resized-image pixels."""
+
+    image_id: int
+    image: np.ndarray  # (h, w, 3) uint8 RGB, the resized image without padding
+    gt_boxes: np.ndarray  # (M, 4) xyxy
+    gt_labels: np.ndarray  # (M,)
+    pred_boxes: np.ndarray  # (N, 4) xyxy
+    pred_scores: np.ndarray  # (N,)
+    pred_labels: np.ndarray  # (N,)
+
+
+@dataclass
+class EvalResult:
+    """On rank 0: the COCO metrics and report; on other ranks `coco` is None."""
+
+    coco: CocoEvalResult | None
+    num_images: int  # images predicted, over all ranks (rank 0 only)
+    num_detections: int
+    samples: list[VisualSample] = field(default_factory=list)  # rank 0's first images
+
+    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.coco.metrics.items()} if self.coco else {}
+
+
+def _denormalize(image: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """(3, h, w) normalised float → (h, w, 3) uint8 RGB."""
+    m = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+    x = (image.float().cpu() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(1, 2, 0).numpy()
+
+
+def _visual_sample(batch: dict[str, torch.Tensor], i: int, det: dict[str, torch.Tensor], model: RetinaNet):
+    h, w = batch["image_sizes"][i].tolist()
+    oh, ow = batch["orig_sizes"][i].tolist()
+    scale = torch.tensor([w / ow, h / oh, w / ow, h / oh])  # original → resized pixels
+    valid = batch["gt_labels"][i] >= 0
+    keep = det["scores"].float().cpu() >= 0.3  # the gallery shows confident detections only
+    return VisualSample(
+        image_id=int(batch["image_ids"][i]),
+        image=_denormalize(batch["images"][i, :, :h, :w], model.cfg.input.image_mean, model.cfg.input.image_std),
+        gt_boxes=batch["gt_boxes"][i][valid].cpu().numpy(),
+        gt_labels=batch["gt_labels"][i][valid].cpu().numpy(),
+        pred_boxes=(det["boxes"].float().cpu()[keep] * scale).numpy(),
+        pred_scores=det["scores"].float().cpu()[keep].numpy(),
+        pred_labels=det["labels"].cpu()[keep].numpy(),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: RetinaNet,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    coco_ids: list[int],
+    load_gt: Callable[[], dict[str, Any]],
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    num_samples: int = 0,
+) -> EvalResult:
+    """Predict every batch of this rank's val part, gather to rank 0 and evaluate there.
+
+    `model` is the bare RetinaNet (not the DDP wrapper); `load_gt` is called on rank 0 only.
+    """
+    was_training = model.training
+    model.eval()
+    image_ids: list[int] = []
+    predictions: list[dict[str, np.ndarray]] = []
+    samples: list[VisualSample] = []
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast or contextlib.nullcontext():
+            dets = model.predict_batch(batch)  # boxes in original-image pixels
+        for i, det in enumerate(dets):
+            image_ids.append(int(batch["image_ids"][i]))
+            predictions.append(
+                {
+                    "boxes": det["boxes"].float().cpu().numpy(),  # (N, 4) xyxy
+                    "scores": det["scores"].float().cpu().numpy(),  # (N,)
+                    "labels": det["labels"].cpu().numpy(),  # (N,) contiguous
+                }
+            )
+            if len(samples) < num_samples:
+                samples.append(_visual_sample(batch, i, det, model))
+    model.train(was_training)
+
+    local = (image_ids, predictions)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
+        gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+    else:
+        rank, gathered = 0, [local]
+    if rank != 0:
+        return EvalResult(coco=None, num_images=0, num_detections=0)
+
+    all_ids = [i for ids, _ in gathered for i in ids]
+    all_preds = [p for _, preds in gathered for p in preds]
+    gt = load_gt()
+    expected = {int(img["id"]) for img in gt["images"]}
+    if set(all_ids) != expected or len(all_ids) != len(expected):
+        raise RuntimeError(
+            f"evaluation saw {len(all_ids)} predictions for {len(set(all_ids))} distinct images, but the val "
+            f"ground truth has {len(expected)} images: the val split lost or duplicated rows"
+        )
+    results = detections_to_coco(all_ids, all_preds, coco_ids)
+    return EvalResult(coco_evaluate(gt, results), len(all_ids), len(results), samples)

@@ -1,0 +1,102 @@
+"""Log the trained detector to MLflow as a PyTorch model, register it and point an alias at the new version.
+
+The logged object is the `retina.model.RetinaNet` itself: it carries its `ModelConfig` (``model.cfg``, input
+resize and normalisation included), so ``mlflow.pytorch.load_model(uri)`` in a fresh process gives a detector
+that takes a list of (3, H, W) 0..1 images and returns boxes in their pixels. The label map travels twice:
+as ``model.label_map`` ([{"id", "name", "label"}], label → COCO category id) and as ``label_map.json`` beside
+the weights. The `retina` package is copied in (``code_paths``), so loading needs torch/torchvision, not the repo.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+
+import retina
+from retina.model import RetinaNet
+
+
+@dataclass
+class LoggedModel:
+    model_uri: str  # the logged model itself (models:/<model_id>)
+    registered_name: str
+    version: str
+    alias: str | None  # set when val/AP reached tracking.alias_min_ap
+    alias_uri: str | None  # models:/<name>@<alias>
+
+
+def _requirements() -> list[str]:
+    # Explicit pins: MLflow's requirement inference would load the model in a subprocess (slow) to guess them.
+    import numpy
+    import PIL
+    import pycocotools  # noqa: F401  (retina.evaluation imports it)
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+        f"pillow=={PIL.__version__}",
+        "pycocotools",
+        "pyyaml",
+    ]
+
+
+def log_and_register(
+    model: RetinaNet,
+    *,
+    label_map: list[dict[str, Any]],
+    config: dict[str, Any],
+    tracking_uri: str,
+    run_id: str,
+    registered_model_name: str,
+    alias: str,
+    alias_min_ap: float,
+    val_ap: float,
+) -> LoggedModel:
+    """Log `model` (eval mode, on CPU) into run `run_id`, register a new version, set the alias if earned."""
+    model = model.cpu().eval()
+    model.label_map = [dict(c) for c in label_map]  # plain data: survives pickling into the MLflow model
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        label_file = Path(tmp) / "label_map.json"
+        label_file.write_text(json.dumps(label_map, indent=1))
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
+        # start_run on an existing id attaches (the run's final status is set by the caller afterwards).
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                # pickle, not MLflow 3's default pt2 (torch.export): detection output sizes depend on the data
+                # (score threshold, NMS), which an exported static graph cannot express.
+                serialization_format="pickle",
+                code_paths=[str(Path(retina.__file__).parent)],
+                extra_files=[str(label_file), str(config_file)],
+                pip_requirements=_requirements(),
+                registered_model_name=registered_model_name,
+                metadata={"val_AP": val_ap, "label_map": label_map},
+            )
+    version = str(info.registered_model_version)
+    client = MlflowClient(tracking_uri)
+    client.set_model_version_tag(registered_model_name, version, "val_AP", f"{val_ap:.4f}")
+    client.set_model_version_tag(registered_model_name, version, "mlflow_run_id", run_id)
+    alias_set = bool(alias) and val_ap >= alias_min_ap
+    if alias_set:
+        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing (F8)
+        client.set_registered_model_alias(registered_model_name, alias, version)
+    return LoggedModel(
+        model_uri=info.model_uri,
+        registered_name=registered_model_name,
+        version=version,
+        alias=alias if alias_set else None,
+        alias_uri=f"models:/{registered_model_name}@{alias}" if alias_set else None,
+    )

@@ -1,0 +1,151 @@
+"""MLflow helpers: where the tracking store is, one run per training run, and rank-0-only logging.
+
+One training run = one MLflow run, also across worker restarts (FailureConfig) and re-runs of the same command
+(resume): the driver looks the run up by a ``retina.run_key`` tag (storage path + run name, the same key Ray
+Train uses to find its checkpoints) before ``trainer.fit`` and hands its run id to the workers. Workers never
+create runs; rank 0 logs into the given run id through an explicit `MlflowClient` (no global active-run state,
+which does not exist inside Ray workers anyway).
+
+Metric history after a restart: the steps between the restored checkpoint and the failure are trained again.
+`RunLogger` skips (step, key) pairs at or below what the run already holds, so a curve never gets two points at
+one step (MLflow cannot delete metric points); the logged value at such a step is the first attempt's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger("retina.tracking")
+
+RUN_KEY_TAG = "retina.run_key"
+DEFAULT_STORE = "mlflow.db"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else an embedded SQLite store ``mlflow.db`` in the cwd.
+
+    A relative SQLite path is made absolute: Ray workers do not share the driver's working directory.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{DEFAULT_STORE}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).absolute())
+    return uri
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:MAX_PARAM_LENGTH]
+
+
+def start_or_resume_run(
+    tracking_uri: str, experiment: str, run_name: str, run_key: str, params: Mapping[str, Any]
+) -> tuple[str, bool]:
+    """The id of the MLflow run for `run_key` (created with `params` when new) and whether it already existed.
+
+    A resumed run is set back to RUNNING. Params that differ from the stored ones (an override changed between
+    attempts) are reported in the log, not re-logged: MLflow params are immutable.
+    """
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    escaped = run_key.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1, order_by=["start_time ASC"]
+    )
+    values = {k: _param_value(v) for k, v in params.items()}
+    if found:
+        run = found[0]
+        changed = sorted(k for k, v in values.items() if k in run.data.params and run.data.params[k] != v)
+        if changed:
+            logger.warning("resuming MLflow run %s with changed settings (not re-logged): %s", run.info.run_id, changed)
+        new = [Param(k, v) for k, v in values.items() if k not in run.data.params]
+        for i in range(0, len(new), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(run.info.run_id, params=new[i : i + 100])
+        client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run.info.run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
+    items = [Param(k, v) for k, v in values.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id, False
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Set the run's final status: FINISHED, FAILED or KILLED."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Logs into an existing run from a Ray worker; a no-op unless `enabled` (rank 0)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.run_id = run_id
+        self.enabled = enabled and bool(run_id)
+        self._client = MlflowClient(tracking_uri) if self.enabled else None
+        self._last_step: dict[str, int] = {}
+
+    def _high_water(self, key: str) -> int:
+        if key not in self._last_step:
+            history = self._client.get_metric_history(self.run_id, key)
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Finite metrics only (NaN/inf are dropped, not sent); a (key, step) already logged is skipped."""
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or step <= self._high_water(key):
+                continue
+            batch.append(Metric(key, float(value), now, int(step)))
+            self._last_step[key] = int(step)
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._client.set_tag(self.run_id, key, value)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric, sorted by step."""
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def log_file(tracking_uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_json(tracking_uri: str, run_id: str, data: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=1, sort_keys=True))
+        log_file(tracking_uri, run_id, path)

@@ -1,0 +1,83 @@
+"""The typed run config: paper defaults, the shipped configs, and clear errors for bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retina.config import Config, ConfigError, flatten, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    t = cfg.train
+    assert (t.base_lr, t.base_batch_size, cfg.data.batch_size) == (0.01, 16, 16)
+    assert (t.momentum, t.weight_decay) == (0.9, 1e-4)
+    assert t.max_steps == 90_000 and t.lr_steps == [60_000, 80_000] and t.lr_gamma == 0.1
+    assert cfg.model.backbone.name == "resnet50" and cfg.model.input.min_size == 800
+    assert cfg.run.num_to_keep >= 1 and cfg.tracking.tracking_uri == ""
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "coco_r50_1x"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.data.batch_size % cfg.scaling.num_workers == 0
+
+
+def test_coco_config_is_the_paper_recipe():
+    cfg = load_config(CONFIGS / "coco_r50_1x.yaml")
+    assert cfg.data.batch_size == 16 and cfg.train.base_lr == 0.01
+    assert cfg.train.max_steps == 90_000 and cfg.train.lr_steps == [60_000, 80_000]
+    assert cfg.model.backbone.name == "resnet50" and cfg.model.backbone.fpn_channels == 256
+    assert cfg.model.input.min_size == 800 and cfg.train.amp == "bf16" and cfg.scaling.use_gpu
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.bogus=1", "unknown config key(s): train.bogus"),
+        ("bogus.key=1", "unknown config key(s): bogus"),
+        ("train.max_steps=lots", "train.max_steps: expected an integer"),
+        ("train.lr_steps=[100, 50]", "train.lr_steps: must be increasing"),
+        ("train.amp=fp8", "train.amp: must be none, bf16 or fp16"),
+        ("scaling.num_workers=0", "scaling.num_workers: must be >= 1"),
+        ("scaling.resources_per_worker={GPU: 1}", "scaling.resources_per_worker: CPU/GPU come from"),
+        ("scaling.resources_per_worker={A100: many}", "scaling.resources_per_worker.A100: expected a number"),
+        ("run.name=a/b", "run.name: must be 1-128 characters"),
+        ("tracking.alias=latest", "tracking.alias"),
+        ("train.fail_at_step=3", "train.fail_marker: is required"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("(", "\\(").replace(")", "\\)")):
+        load_config(CONFIGS / "smoke.yaml", [override])
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError, match="data.batch_size: 4 images per step do not split evenly"):
+        load_config(CONFIGS / "smoke.yaml", ["scaling.num_workers=3"])
+    with pytest.raises(ConfigError, match="train.amp: fp16 needs scaling.use_gpu"):
+        load_config(CONFIGS / "smoke.yaml", ["train.amp=fp16"])
+
+
+def test_error_names_the_file():
+    with pytest.raises(ConfigError, match="smoke.yaml: unknown config key"):
+        load_config(CONFIGS / "smoke.yaml", ["train.nope=1"])
+
+
+def test_overrides_are_typed_and_flatten_for_mlflow():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.base_lr=1", "scaling.resources_per_worker={A100: 1}"])
+    assert cfg.train.base_lr == 1.0 and isinstance(cfg.train.base_lr, float)
+    flat = flatten(to_dict(cfg))
+    assert flat["train.base_lr"] == 1.0 and flat["scaling.resources_per_worker.A100"] == 1.0
+    assert flat["model.backbone.name"] == "resnet18"
+
+
+def test_cli_rejects_a_bad_key_before_starting_anything(capsys):
+    from pipelines.train import main
+
+    assert main(["--config", str(CONFIGS / "smoke.yaml"), "--set", "train.max_stepz=5"]) == 2
+    assert "unknown config key(s): train.max_stepz" in capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""End to end: 2-worker DDP training on CPU with the smoke config, against a real MLflow server on 127.0.0.1
+whose artifact store is S3 on a local moto server, with the Ray Train checkpoints on that S3 too. One worker
+raises once at step 5 (after the step-4 checkpoint): the run must resume from that checkpoint, finish with a
+continuous step count, and keep a single MLflow run. The training runs once (module fixture); each test below
+checks one consequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._train_helpers import SMOKE_CONFIG, data_overrides, smoke_data  # noqa: F401
+from tests.s3_server import _free_port, s3_server  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+RUN_NAME = "smoke_e2e"
+MODEL_NAME = "retinanet-e2e"
+ALIAS = "candidate"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory):  # noqa: F811
+    """`mlflow server` on 127.0.0.1 (SQLite backend), proxying artifacts to s3://<bucket>/mlflow on moto."""
+    bucket = s3_server.new_bucket("mlflow")
+    work = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = dict(os.environ, **s3_server.env, MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint_url)
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", f"{bucket}/mlflow",
+        "--workers", "1",
+    ]  # fmt: skip
+    log = open(work / "server.log", "wb")  # noqa: SIM115  (closed below)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError as exc:
+                if process.poll() is not None or time.time() > deadline:
+                    log_text = (work / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log_text}") from exc
+                time.sleep(0.5)
+        yield {"uri": uri, "bucket": bucket}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # its own process group: the server and its uvicorn workers
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, smoke_data, mlflow_server, s3_server, tmp_path_factory):  # noqa: F811
+    from pipelines.train import run
+    from retina.config import load_config
+
+    storage = s3_server.new_bucket("ckpt") + "/runs"
+    marker = tmp_path_factory.mktemp("fault") / "failed_once"
+    cfg = load_config(
+        SMOKE_CONFIG,
+        data_overrides(smoke_data)
+        + [
+            f"run.name={RUN_NAME}",
+            f"run.storage_path={storage}",
+            "run.max_failures=1",
+            f"tracking.tracking_uri={mlflow_server['uri']}",
+            "tracking.experiment=retina-e2e",
+            f"tracking.registered_model_name={MODEL_NAME}",
+            f"tracking.alias={ALIAS}",
+            "train.fail_at_step=5",
+            f"train.fail_marker={marker}",
+        ],
+    )
+    outcome = run(cfg, str(SMOKE_CONFIG))
+    return {"outcome": outcome, "cfg": cfg, "storage": storage, "marker": marker}
+
+
+def _client(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(mlflow_server["uri"])
+
+
+def test_failure_injected_and_resumed_from_checkpoint(trained, mlflow_server):
+    outcome = trained["outcome"]
+    assert trained["marker"].exists(), "the injected failure never fired"
+    assert outcome.metrics["step"] == 6 and outcome.metrics["epoch"] == 2
+    tags = _client(mlflow_server).get_run(outcome.mlflow_run_id).data.tags
+    assert tags["retina.resumed_from_step"] == "4"  # restarted from the step-4 checkpoint, not from scratch
+
+
+def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
+    from pipelines.tracking import RUN_KEY_TAG
+
+    client = _client(mlflow_server)
+    outcome = trained["outcome"]
+    exp = client.get_experiment_by_name("retina-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [outcome.mlflow_run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_KEY_TAG] == f"{trained['storage']}/{RUN_NAME}"
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert loss_steps == [2, 4, 6]  # steps 5-6 ran twice, logged once
+    ap_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/AP")]
+    assert ap_steps == [4, 6]
+    for key in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "train/lr", "train/images_per_s"):
+        assert key in run.data.metrics, key
+        assert 0 <= run.data.metrics[key] < 1e6
+    assert run.data.params["train.base_lr"] == "0.01"
+    assert run.data.params["model.backbone.name"] == "resnet18"
+    assert run.data.params["scaling.num_workers"] == "2"
+
+
+def test_artifacts_logged(trained, mlflow_server):
+    client = _client(mlflow_server)
+    run_id = trained["outcome"].mlflow_run_id
+
+    def files(path=None):
+        out = []
+        for item in client.list_artifacts(run_id, path):
+            out.extend(files(item.path) if item.is_dir else [item.path])
+        return out
+
+    logged = set(files())
+    for name in ("config/config.json", "config/smoke.yaml", "label_map.json", "evaluation/report.json",
+                 "evaluation/cocoeval.txt", "curves/loss_curve.png", "curves/ap_curve.png"):  # fmt: skip
+        assert name in logged, (name, sorted(logged))
+    assert len([f for f in logged if f.startswith("val_images/")]) == 2
+    report = json.loads(Path(client.download_artifacts(run_id, "evaluation/report.json")).read_text())
+    assert report["step"] == 6 and report["num_images"] == 8
+    labels = json.loads(Path(client.download_artifacts(run_id, "label_map.json")).read_text())
+    assert [c["id"] for c in labels] == [1, 3, 7, 12, 90]  # the synthetic set's non-contiguous COCO ids
+
+
+def test_model_registered_with_alias(trained, mlflow_server):
+    client = _client(mlflow_server)
+    outcome = trained["outcome"]
+    version = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
+    assert version.version == outcome.model.version
+    assert version.run_id == outcome.mlflow_run_id
+    assert "val_AP" in version.tags
+
+
+def test_checkpoints_on_s3_load_weights_only(trained, s3_server, tmp_path):  # noqa: F811
+    from cluster import s3
+    from pipelines.checkpointing import load_checkpoint
+
+    run_dir = f"{trained['storage']}/{RUN_NAME}"
+    files = list(s3.list_files(run_dir))
+    states = sorted(f for f in files if f.endswith("/state.pt"))
+    # num_to_keep=1 best by val/AP, plus Ray always keeps the latest
+    assert 1 <= len(states) <= 2, files
+    latest = max(states)
+    (tmp_path / "state.pt").write_bytes(s3.read_bytes(latest))
+    state = load_checkpoint(tmp_path)  # torch.load(weights_only=True) inside
+    assert state.step == 6 and state.epoch == 2
+    assert [c["id"] for c in state.label_map] == [1, 3, 7, 12, 90]
+    assert state.config["run"]["name"] == RUN_NAME
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+
+
+def test_logged_model_loads_in_fresh_process(trained, mlflow_server, smoke_data):  # noqa: F811
+    script = f"""
+import json, sys
+import mlflow.pytorch, numpy as np, torch
+from PIL import Image
+model = mlflow.pytorch.load_model("models:/{MODEL_NAME}@{ALIAS}")
+image = np.asarray(Image.open(sys.argv[1]).convert("RGB"))
+x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+with torch.no_grad():
+    out = model([x])[0]
+print(json.dumps({{"keys": sorted(out), "boxes": list(out["boxes"].shape), "labels": model.label_map,
+                  "min_size": model.cfg.input.min_size, "training": model.training}}))
+"""
+    image = sorted(Path(smoke_data["root"], "val", "images").glob("*.jpg"))[0]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server["uri"])
+    proc = subprocess.run([sys.executable, "-c", script, str(image)], env=env, capture_output=True, text=True,
+                          timeout=180, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["keys"] == ["boxes", "labels", "scores"]
+    assert out["boxes"][1:] == [4]
+    assert [c["id"] for c in out["labels"]] == [1, 3, 7, 12, 90]
+    assert out["min_size"] == 128 and out["training"] is False
+
+
+def test_rerun_of_finished_run_does_nothing(trained, mlflow_server):
+    """Same command again: the run is found (same MLflow run id), nothing retrains, no new model version."""
+    from pipelines.train import run
+
+    again = run(trained["cfg"])
+    assert again.resumed and again.mlflow_run_id == trained["outcome"].mlflow_run_id
+    assert again.model is None
+    versions = _client(mlflow_server).search_model_versions(f"name='{MODEL_NAME}'")
+    assert len(versions) == 1

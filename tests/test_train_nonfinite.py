@@ -1,0 +1,98 @@
+"""A non-finite loss stops the run with a clear error (step + every rank's loss terms), on all ranks together,
+without a checkpoint holding NaN weights, and the MLflow run ends FAILED. Then the same command, re-run after
+the cause is gone, resumes that run from its last good checkpoint instead of starting over.
+
+MLflow here is the embedded default: no tracking URI anywhere → ``sqlite:///mlflow.db`` in the working directory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._train_helpers import SMOKE_CONFIG, data_overrides, smoke_data  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+RUN_NAME = "smoke_nan"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("nan-run")
+
+
+def _config(smoke_data, workdir, *extra):  # noqa: F811
+    from retina.config import load_config
+
+    return load_config(
+        SMOKE_CONFIG,
+        data_overrides(smoke_data) + [f"run.name={RUN_NAME}", f"run.storage_path={workdir}/runs", *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def nan_run(ray_local, smoke_data, workdir):  # noqa: F811
+    from pipelines.train import NonFiniteLossError, run
+
+    mp = pytest.MonkeyPatch()
+    mp.chdir(workdir)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        with pytest.raises(NonFiniteLossError) as info:
+            run(_config(smoke_data, workdir, "train.nan_at_step=5"))
+    finally:
+        mp.undo()
+    return info.value
+
+
+def _runs(workdir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("retina-smoke")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_error_names_step_and_loss_terms_of_every_rank(nan_run):
+    message = str(nan_run)
+    assert "non-finite loss at step 5" in message
+    for part in ("rank 0: loss=nan", "rank 1: loss=nan", "loss_cls=nan", "loss_box=", "grad_norm=nan"):
+        assert part in message, (part, message)
+
+
+def test_mlflow_run_failed_in_embedded_store(nan_run, workdir):
+    assert (workdir / "mlflow.db").exists()  # the default store, in the working directory
+    _, runs = _runs(workdir)
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert "non-finite loss at step 5" in runs[0].data.tags["retina.error"]
+
+
+def test_no_checkpoint_with_nan_weights(nan_run, workdir):
+    from pipelines.checkpointing import load_checkpoint
+
+    states = sorted((workdir / "runs" / RUN_NAME).glob("checkpoint_*/state.pt"))
+    assert len(states) == 1  # the step-4 checkpoint; nothing was written after the NaN
+    state = load_checkpoint(states[0].parent)
+    assert state.step == 4
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+
+
+def test_rerun_resumes_the_same_run_from_its_checkpoint(nan_run, smoke_data, workdir):  # noqa: F811
+    from pipelines.train import run
+
+    mp = pytest.MonkeyPatch()
+    mp.chdir(workdir)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        outcome = run(_config(smoke_data, workdir))
+    finally:
+        mp.undo()
+    assert outcome.resumed
+    assert outcome.metrics["step"] == 6
+    client, runs = _runs(workdir)
+    assert [r.info.run_id for r in runs] == [outcome.mlflow_run_id]  # no second MLflow run
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["retina.resumed_from_step"] == "4"
+    assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "val/AP")] == [4, 6]

@@ -1,0 +1,155 @@
+"""The search space from the config: validation (clear errors naming the key), seeded searchers, trial configs,
+concurrency and ASHA set-up. Fast: no Ray cluster, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retina.config import ConfigError, load_config
+from tuning import search, space
+from tuning.trial import TrialNamer, trial_number
+
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+
+
+def cfg_with(*overrides: str):
+    return load_config(SMOKE, list(overrides))
+
+
+def test_default_space_is_the_issue_s():
+    t = cfg_with().tuning
+    space.validate_tuning(cfg_with())
+    assert [d.name for d in space.searched(t)] == ["gamma", "alpha", "prior"]  # lr is fixed unless asked for
+    assert (t.gamma.kind, t.gamma.low, t.gamma.high) == ("uniform", 0.0, 5.0)
+    assert (t.alpha.kind, t.alpha.low, t.alpha.high) == ("uniform", 0.1, 0.9)
+    assert (t.prior.kind, t.prior.low, t.prior.high) == ("loguniform", 1e-3, 0.2)
+    # a partial override keeps that dimension's own defaults
+    t2 = cfg_with("tuning.gamma.high=3", "tuning.lr.kind=loguniform").tuning
+    assert (t2.gamma.low, t2.gamma.high) == (0.0, 3.0)
+    assert [d.name for d in space.searched(t2)] == ["gamma", "alpha", "prior", "lr"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["tuning.prior.high=1.5"], "tuning.prior.high"),
+        (["tuning.prior.kind=uniform", "tuning.prior.low=0"], "tuning.prior.low"),
+        (["tuning.prior.kind=choice", "tuning.prior.values=[0.01, 1.0]"], "tuning.prior.values[1]"),
+        (["tuning.gamma.low=-1"], "tuning.gamma.low"),
+        (["tuning.gamma.low=4", "tuning.gamma.high=2"], "tuning.gamma"),
+        (["tuning.alpha.high=1.2"], "tuning.alpha.high"),
+        (["tuning.alpha.low=-0.5"], "tuning.alpha.low"),  # only a choice may disable α (< 0)
+        (["tuning.alpha.kind=choice"], "tuning.alpha.values"),
+        (["tuning.gamma.kind=normal"], "tuning.gamma.kind"),
+        (["tuning.lr.kind=loguniform", "tuning.lr.low=0"], "tuning.lr.low"),
+        (["tuning.search_alg=bayes"], "tuning.search_alg"),
+        (["tuning.scheduler=pbt"], "tuning.scheduler"),
+        (["tuning.num_samples=0"], "tuning.num_samples"),
+        (["tuning.gamma.kind=fixed", "tuning.alpha.kind=fixed", "tuning.prior.kind=fixed"], "tuning"),
+    ],
+)
+def test_invalid_spaces_are_rejected_naming_the_key(overrides, key):
+    cfg = cfg_with(*overrides)
+    with pytest.raises(ConfigError) as err:
+        space.validate_tuning(cfg)
+    assert str(err.value).startswith(key + ":" if key != "tuning" else "tuning:"), str(err.value)
+
+
+def test_unknown_tuning_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="tuning.gamma.hi"):
+        cfg_with("tuning.gamma.hi=3")
+
+
+def test_alpha_choice_may_disable_alpha_weighting():
+    cfg = cfg_with("tuning.alpha.kind=choice", "tuning.alpha.values=[-1, 0.25, 0.5]")
+    space.validate_tuning(cfg)
+    trial = space.apply_hyperparameters(cfg, {"alpha": -1.0, "gamma": 0.0, "prior": 0.05})
+    assert trial.model.loss.alpha == -1.0 and trial.model.loss.gamma == 0.0 and trial.model.head.prior == 0.05
+
+
+def test_cli_rejects_an_invalid_space_before_ray_starts(capsys):
+    import ray
+
+    assert search.main(["--config", SMOKE, "--set", "tuning.prior.high=1.5"]) == 2
+    assert "tuning.prior.high" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_apply_hyperparameters_sets_the_training_keys():
+    cfg = cfg_with("tuning.lr.kind=loguniform")
+    trial = space.apply_hyperparameters(cfg, {"gamma": 1.5, "alpha": 0.3, "prior": 0.02, "lr": 0.005})
+    assert (trial.model.loss.gamma, trial.model.loss.alpha, trial.model.head.prior) == (1.5, 0.3, 0.02)
+    assert trial.train.base_lr == 0.005
+    assert cfg.model.loss.gamma == 2.0  # the base config is untouched
+    with pytest.raises(ConfigError, match="model.head.prior"):
+        space.apply_hyperparameters(cfg, {"prior": 1.0})
+
+
+def _suggestions(cfg, n: int) -> list[dict]:
+    """Ask the searcher for n trials one after another, telling it a deterministic score for each."""
+    searcher = space.build_searcher(cfg.tuning)
+    out = []
+    for i in range(n):
+        params = searcher.suggest(f"t{i}")
+        out.append(params)
+        score = -((params["gamma"] - 2.0) ** 2) - (params["alpha"] - 0.25) ** 2  # best near the paper's values
+        searcher.on_trial_complete(f"t{i}", {space.METRIC: score, "training_iteration": 1})
+    return out
+
+
+@pytest.mark.parametrize("alg", ["tpe", "random"])
+def test_seeded_suggestions_are_reproducible(alg):
+    # 8 trials with 3 random start-up trials: TPE's model-based suggestions are covered too
+    cfg = cfg_with(f"tuning.search_alg={alg}", "tuning.tpe_startup_trials=3", "tuning.seed=7")
+    first, second = _suggestions(cfg, 8), _suggestions(cfg, 8)
+    assert first == second
+    other = _suggestions(cfg_with(f"tuning.search_alg={alg}", "tuning.tpe_startup_trials=3", "tuning.seed=8"), 8)
+    assert other != first
+    for p in first:  # inside the configured space
+        assert 0 <= p["gamma"] <= 5 and 0.1 <= p["alpha"] <= 0.9 and 1e-3 <= p["prior"] <= 0.2
+
+
+def test_grid_points():
+    cfg = cfg_with("tuning.search_alg=grid", "tuning.grid_points=3", "tuning.alpha.kind=fixed")
+    space.validate_tuning(cfg)
+    assert space.grid_points(cfg.tuning.gamma, 3) == [0.0, 2.5, 5.0]
+    assert space.grid_points(cfg.tuning.prior, 3) == pytest.approx([1e-3, (1e-3 * 0.2) ** 0.5, 0.2])
+    assert space.grid_size(cfg.tuning) == 9
+    assert space.build_searcher(cfg.tuning) is None
+    assert set(space.grid_space(cfg.tuning)) == {"gamma", "prior"}
+    # explicit values are the grid's points
+    cfg = cfg_with("tuning.search_alg=grid", "tuning.gamma.values=[0, 2]", "tuning.alpha.kind=fixed",
+                   "tuning.prior.kind=fixed")  # fmt: skip
+    assert space.grid_size(cfg.tuning) == 2
+
+
+def test_trial_names_carry_the_creation_number():
+    class FakeTrial:  # only the two attributes the name creator reads
+        experiment_tag, trial_id = "3_alpha=0.1,gamma=2", "ab12cd34"
+
+    name = TrialNamer(offset=1)(FakeTrial())
+    assert name == "trial_002_ab12cd34" and trial_number(name) == 2
+
+
+def test_concurrency_follows_cluster_and_trial_needs():
+    gpu = cfg_with("scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4")
+    assert search.trial_resources(gpu) == {"CPU": 8.25, "GPU": 2.0}
+    assert search.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=10) == 4  # GPU-bound
+    assert search.max_concurrent(gpu, {"CPU": 20, "GPU": 8}, num_trials=10) == 2  # CPU-bound (+1 CPU for data)
+    assert search.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=3) == 3  # no more than the trials
+    capped = cfg_with("scaling.use_gpu=true", "tuning.max_concurrent_trials=1")
+    assert search.max_concurrent(capped, {"CPU": 64, "GPU": 8}, num_trials=10) == 1
+    cpu = cfg_with("scaling.num_workers=1")  # 1 worker x 1 CPU + 0.25 for the trial + 1 for its data tasks
+    assert search.max_concurrent(cpu, {"CPU": 4}, num_trials=3) == 1
+    assert search.max_concurrent(cpu, {"CPU": 8}, num_trials=3) == 3
+    assert search.max_concurrent(cpu, {"CPU": 2}, num_trials=3) == 1  # does not fit now: one at a time
+
+
+def test_asha_rungs_stop_before_the_last_epoch():
+    cfg = cfg_with()
+    asha = search.build_scheduler(cfg, epochs=4)
+    assert asha is not None and asha._max_t == 3
+    assert search.build_scheduler(cfg, epochs=1) is None  # nothing to stop early
+    assert search.build_scheduler(cfg_with("tuning.scheduler=none"), epochs=4) is None
