@@ -69,12 +69,16 @@ def test_alpha_choice_may_disable_alpha_weighting():
     assert trial.model.loss.alpha == -1.0 and trial.model.loss.gamma == 0.0 and trial.model.head.prior == 0.05
 
 
-def test_cli_rejects_an_invalid_space_before_ray_starts(capsys):
-    import ray
+def test_cli_rejects_an_invalid_space_before_ray_starts(capsys, monkeypatch):
+    import pipelines.train
 
+    # Other tests may already have a Ray session in this process, so watch for the connection attempt itself.
+    connects = []
+    monkeypatch.setattr(search, "connect_ray", lambda cfg: connects.append(cfg))
+    monkeypatch.setattr(pipelines.train, "connect_ray", lambda cfg: connects.append(cfg))
     assert search.main(["--config", SMOKE, "--set", "tuning.prior.high=1.5"]) == 2
     assert "tuning.prior.high" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert connects == []
 
 
 def test_apply_hyperparameters_sets_the_training_keys():
