@@ -1,6 +1,6 @@
 """Images/s of the Ray Data input path vs a torch DataLoader doing the same work, on this machine.
 
-    python benchmarks/data_pipeline.py [--num-images 300] [--min-size 512] [--max-size 853] [--batch-size 8]
+    python benchmarks/data_pipeline.py [--num-images 1200] [--min-size 512] [--max-size 853] [--batch-size 8]
 
 Both sides produce the same contract batches (retina.data.collate) from the same synthetic JPEGs with the same
 training transform (decode → random scale from [min_size] → random flip → normalise → pad to 128):
@@ -111,7 +111,7 @@ def _rates(epochs: list[tuple[int, float]]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--num-images", type=int, default=1200)
     parser.add_argument("--min-size", type=int, default=512)
     parser.add_argument("--max-size", type=int, default=853)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -125,6 +125,16 @@ def _to_samples(batch: dict[str, np.ndarray], transform: Any, train: bool, image
     }
 
 
+def _split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """Blocks of at most `rows` rows, streamed (no barrier).
+
+    Ray 2.60 reads a Parquet file as one block (512 rows per shard by default), and map_batches never splits an
+    input block across tasks: without this, one task decodes a whole shard while the other CPUs wait (measured:
+    one process doing all the decoding of a 300-image epoch, 47 img/s on 2 CPUs).
+    """
+    return ds.repartition(target_num_rows_per_block=rows)
+
+
 def build_dataset(
     location: str,
     *,
@@ -156,7 +166,7 @@ def build_dataset(
         from ray.data._internal.random_config import RandomSeedConfig
 
         file_shuffle = FileShuffleConfig(seed=seed) if shuffle != "none" else None
-        ds = read_shards(location, shuffle=file_shuffle)
+        ds = _split_blocks(read_shards(location, shuffle=file_shuffle), batch_size)
         if shuffle == "rows":
             ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         elif shuffle == "files":
@@ -165,7 +175,7 @@ def build_dataset(
         ds = ds.with_column("aug_seed", random_expr(seed=seed, reseed_after_execution=True))
         transform: Any = TrainAugment(list(min_sizes), max_size, flip_prob)
     else:
-        ds = read_shards(location)
+        ds = _split_blocks(read_shards(location), batch_size)
         ds.context.execution_options.preserve_order = True  # evaluation order = shard order (image id)
         transform = EvalTransform(int(min_sizes[0]), max_size)
     return ds.map_batches(

@@ -31,12 +31,11 @@ from torch import nn
 
 from pipelines import plots
 from pipelines.checkpointing import TrainState, load_checkpoint, save_checkpoint
-from pipelines.data import coco_gt_from_shards
+from pipelines.data import coco_gt_from_shards, make_collate_fn
 from pipelines.evaluation_loop import EvalResult, evaluate
 from pipelines.optim import WarmupMultiStepLR, build_optimizer
 from pipelines.tracking import RunLogger
 from retina.config import Config, config_from_dict, to_dict
-from retina.data.collate import BatchCollator
 from retina.model import RetinaNet, build_retinanet
 
 logger = logging.getLogger("retina.train")
@@ -143,7 +142,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         logger.info("rank %d: the run already finished (step %d of %d)", rank, step, tc.max_steps)
         return {"step": step}
 
-    collate = BatchCollator.from_input_config(cfg.model.input)
+    collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     per_worker_batch = cfg.data.batch_size // world
     # data.shuffle=files only reorders shards and blocks; mix rows within each worker's stream as well
     shuffle_buffer = 8 * per_worker_batch if cfg.data.shuffle == "files" else None

@@ -20,6 +20,7 @@ Two entry points build the same batch:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from retina import transform as T
 from retina.data.transforms import Sample
+from retina.ops import cpu_buffers
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -53,23 +55,31 @@ def _image_tensor(image: Any, mean: Sequence[float], std: Sequence[float]) -> to
 def _pad_uint8(
     images: Sequence[np.ndarray], size_divisible: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """uint8 (h_i, w_i, 3) images → normalised, zero-padded float32 (B, 3, Hp, Wp), in place in one buffer.
+    """uint8 (h_i, w_i, 3) images → normalised, zero-padded float32 (B, 3, Hp, Wp), one pass over the pixels.
 
-    The same operations as ``batch_images([normalize(x / 255)])`` in the same order (so identical values), but
-    without per-image temporaries: this runs on the training process's CPU, in Ray Data's collate thread.
+    ``(x / 255 - mean) / std`` is computed as ``x · (1 / (255 std)) + (-mean / std)`` by one ``addcmul`` per image,
+    straight from the uint8 pixels into the padded batch (within 1 ulp of the three-step formula); only the
+    padding margins are zeroed. This runs on the training process (Ray Data's collate thread), where every pass
+    over a batch of 8 x 3 x 512 x 853 floats costs ~5 ms of a core; the buffer is huge-page advised because a
+    fresh 42 MB allocation otherwise spends more time in page faults than in arithmetic.
     """
     sizes = [img.shape[:2] for img in images]
     hp, wp = T.padded_hw(sizes, size_divisible)
-    out = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32)  # zero = the mean colour after normalising
-    m = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
-    for i, img in enumerate(images):
-        if img.ndim != 3 or img.shape[-1] != 3:
-            raise ValueError(f"sample image must be uint8 (h, w, 3), got {tuple(img.shape)}")
-        h, w = img.shape[:2]
-        view = out[i, :, :h, :w]
-        view.copy_(torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1))  # uint8 → float
-        view.div_(255.0).sub_(m).div_(s)
+    out = cpu_buffers.empty((len(images), 3, hp, wp), torch.float32, torch.device("cpu"))  # (B, 3, Hp, Wp)
+    std64 = torch.as_tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std64)).float()[:, None, None]  # (3, 1, 1)
+    bias = (-torch.as_tensor(mean, dtype=torch.float64) / std64).float()[:, None, None]  # (3, 1, 1)
+    with warnings.catch_warnings():
+        # Arrow buffers are read-only; the pixels are only read here, so no defensive copy is needed
+        warnings.simplefilter("ignore", UserWarning)
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[-1] != 3:
+                raise ValueError(f"sample image must be uint8 (h, w, 3), got {tuple(img.shape)}")
+            h, w = img.shape[:2]
+            src = torch.from_numpy(np.require(img, np.uint8, ["C"])).permute(2, 0, 1)  # (3, h, w) uint8 view
+            torch.addcmul(bias, src, scale, out=out[i, :, :h, :w])
+            out[i, :, h:, :].zero_()  # bottom margin (zero = the mean colour after normalising)
+            out[i, :, :h, w:].zero_()  # right margin
     return out
 
 
