@@ -1,4 +1,4 @@
-"""SGD with momentum and weight decay, and the warm-up + step-decay learning-rate schedule.
+"""The optimizer (SGD with momentum and weight decay, or AdamW), and the warm-up + step-decay learning-rate schedule.
 
 The schedule is a pure function of the iteration (`lr_factor`), so a run restored from a checkpoint at step s
 continues with exactly the learning rate an uninterrupted run would use at step s.
@@ -43,8 +43,10 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         return {k: v for k, v in super().state_dict().items() if k != "train"}
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, global_batch: int) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, train: TrainConfig, global_batch: int) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or AdamW, at the linearly scaled lr; both with the configured weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(
-        params, lr=scaled_lr(train, global_batch), momentum=train.momentum, weight_decay=train.weight_decay
-    )
+    lr = scaled_lr(train, global_batch)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)

@@ -122,14 +122,17 @@ class TrainConfig:
     max_steps: int = 90_000  # optimizer steps (iterations); epochs follow from the data size
     base_lr: float = 0.01  # for `base_batch_size` images per step; scaled linearly with data.batch_size
     base_batch_size: int = 16
-    momentum: float = 0.9
+    optimizer: str = (
+        "sgd"  # sgd (the paper: momentum + weight decay) | adamw (decoupled decay; short runs from scratch)
+    )
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
     warmup_iters: int = 500  # linear warm-up from warmup_factor * lr (Detectron: 500 iters from 1/3)
     warmup_factor: float = 1 / 3
     lr_steps: list[int] = field(default_factory=lambda: [60_000, 80_000])  # iterations where lr *= lr_gamma
     lr_gamma: float = 0.1
     grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping (the paper does not clip)
-    amp: str = "none"  # none | bf16 (autocast, GPU) | fp16 (autocast + GradScaler, GPU)
+    amp: str = "none"  # none | bf16 (autocast; GPU, or CPU with AVX-512 BF16 / AMX) | fp16 (+ GradScaler, GPU)
     seed: int = 0
     log_every: int = 20  # steps between loss/lr/throughput logs
     eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
@@ -502,6 +505,7 @@ def validate_train(t: TrainConfig) -> None:
     _require(t.base_lr > 0 and math.isfinite(t.base_lr), "train.base_lr", "must be a finite number > 0")
     _require(t.base_batch_size >= 1, "train.base_batch_size", "must be >= 1")
     _require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _require(t.optimizer in ("sgd", "adamw"), "train.optimizer", "must be sgd or adamw")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _require(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
     _require(0 < t.warmup_factor <= 1, "train.warmup_factor", "must be in (0, 1]")

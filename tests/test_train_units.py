@@ -12,7 +12,7 @@ import torch
 from pipelines.checkpointing import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from pipelines.optim import WarmupMultiStepLR, build_optimizer, lr_factor, scaled_lr
 from pipelines.tracking import resolve_tracking_uri
-from retina.config import TrainConfig
+from retina.config import ConfigError, TrainConfig, load_config
 
 
 def test_linear_scaling_rule():
@@ -30,6 +30,26 @@ def test_warmup_then_step_decay():
     assert lr_factor(999, t) == pytest.approx(1.0)
     assert lr_factor(1000, t) == pytest.approx(0.1)
     assert lr_factor(2500, t) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_choice_scaled_lr_and_weights_only_state(name):
+    t = TrainConfig(optimizer=name, base_lr=0.002, weight_decay=0.05)
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer(model, t, 32)
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.004) and opt.param_groups[0]["weight_decay"] == 0.05
+    model(torch.ones(3, 2)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    build_optimizer(torch.nn.Linear(2, 1), t, 32).load_state_dict(torch.load(buf, weights_only=True))
+
+
+def test_unknown_optimizer_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(None, ["train.optimizer=adam"])
 
 
 def test_scheduler_restored_from_state_continues_the_schedule():
