@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python pipelines/evaluate.py`: make the repo r
 import ray  # noqa: E402
 
 from cluster import s3  # noqa: E402
+from pipelines import cli  # noqa: E402
 from pipelines.data import build_dataset, coco_gt_from_shards, label_map, load_manifest, make_collate_fn  # noqa: E402
 from pipelines.evaluation_loop import evaluate  # noqa: E402
 from pipelines.inference import Detector, ModelLoadError, load_model  # noqa: E402
@@ -203,11 +204,7 @@ def format_table(evaluation: Evaluation) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.docstring_parser(__doc__)
     parser.add_argument(
         "--model",
         required=True,

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from cluster import s3  # noqa: E402
+from pipelines import cli  # noqa: E402
 from pipelines.inference import ModelLoadError, ModelSource, Prepared, load_model, prepare, resolve_model  # noqa: E402
 from retina.data.transforms import decode_image  # noqa: E402
 
@@ -411,11 +412,7 @@ def format_summary(s: PredictSummary) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.docstring_parser(__doc__)
     parser.add_argument("--model", required=True, help="model URI or checkpoint directory (see below)")
     parser.add_argument("--images", required=True, help="folder of images, local or s3://bucket/prefix")
     parser.add_argument("--output", required=True, help="output folder, local or s3://bucket/prefix")

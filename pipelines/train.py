@@ -37,7 +37,7 @@ import ray.train  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from cluster import s3  # noqa: E402
-from pipelines import plots, tracking  # noqa: E402
+from pipelines import cli, plots, tracking  # noqa: E402
 from pipelines.checkpointing import load_checkpoint  # noqa: E402
 from pipelines.data import build_dataset, label_map, load_manifest  # noqa: E402
 from pipelines.model_logging import LoggedModel, log_and_register  # noqa: E402
@@ -324,20 +324,8 @@ def _summary(outcome: TrainOutcome) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (YAML syntax), repeatable: --set train.max_steps=100 --set run.name=x",
-    )
+    parser = cli.docstring_parser(__doc__)
+    cli.add_config_arguments(parser, "configs/demo.yaml", "--set train.max_steps=100 --set run.name=x")
     return parser.parse_args(argv)
 
 

@@ -50,7 +50,7 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
 
 from cluster import s3  # noqa: E402
-from pipelines import tracking  # noqa: E402
+from pipelines import cli, tracking  # noqa: E402
 from pipelines.checkpointing import load_checkpoint  # noqa: E402
 from pipelines.data import load_manifest  # noqa: E402
 from pipelines.model_logging import LoggedModel, log_and_register  # noqa: E402
@@ -359,25 +359,13 @@ def summary(outcome: SearchOutcome) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/smoke.yaml")
+    parser = cli.docstring_parser(__doc__)
+    cli.add_config_arguments(parser, "configs/smoke.yaml", "--set tuning.gamma.high=3")
     parser.add_argument("--num-samples", type=int, help="trials to run (tuning.num_samples)")
     parser.add_argument("--max-concurrent-trials", type=int, help="cap on trials at a time (0: as the cluster fits)")
     parser.add_argument("--search-alg", choices=["tpe", "random", "grid"], help="tuning.search_alg (default tpe)")
     parser.add_argument("--scheduler", choices=["asha", "none"], help="tuning.scheduler (default asha)")
     parser.add_argument("--resume-errored", action="store_true", help="on restore, run failed trials again")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (YAML syntax), repeatable: --set tuning.gamma.high=3",
-    )
     return parser.parse_args(argv)
 
 
