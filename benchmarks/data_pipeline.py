@@ -1,11 +1,14 @@
 """Images/s of the Ray Data input path vs a torch DataLoader doing the same work, on this machine.
 
     python benchmarks/data_pipeline.py [--num-images 1200] [--min-size 512] [--max-size 853] [--batch-size 8]
+                                       [--rows-per-shard 64]
 
 Both sides produce the same contract batches (retina.data.collate) from the same synthetic JPEGs with the same
 training transform (decode → random scale from [min_size] → random flip → normalise → pad to 128):
-- Ray Data: Parquet shards → read_parquet → per-epoch row shuffle → map_batches(decode, resize, flip) →
-  iter_torch_batches(collate_fn) (what a Ray Train worker runs), Ray limited to `--cpus` CPUs;
+- Ray Data: Parquet shards → read_parquet → per-epoch shuffle → map_batches(decode, resize, flip) →
+  iter_torch_batches(collate_fn) (what a Ray Train worker runs), Ray limited to `--cpus` CPUs, with both
+  shuffle modes: rows (an exact random_shuffle of every row) and files (a new shard order per epoch, rows
+  permuted within each decode task);
 - torch DataLoader: a map-style Dataset reading the JPEG files, `--cpus` workers (forkserver), shuffle=True.
 Each side runs `--epochs` epochs; the table reports the steady-state rate (epochs after the first, which pays
 for worker start-up) and the first epoch separately. Shard preparation is not timed.
@@ -98,6 +101,7 @@ def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str) -> list[tu
         flip_prob=augment.flip_prob,
         seed=0,
         shuffle=shuffle,
+        batch_size=args.batch_size,
     )
     collate = make_collate_fn()
     return _run_epochs(lambda: ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args.epochs)
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=853)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rows-per-shard", type=int, default=64, help="as pipelines/sample_data.py prepares")
     parser.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
     parser.add_argument("--workdir", default=None, help="where to put the synthetic data (default: a temp dir)")
     args = parser.parse_args()
@@ -134,7 +139,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    prepare(ann, work / "raw" / "images", work / "shards", overwrite=True)
+    prepare(ann, work / "raw" / "images", work / "shards", rows_per_shard=args.rows_per_shard, overwrite=True)
     results = {"torch DataLoader": dl}
     for shuffle in ("rows", "files"):
         results[f"Ray Data (shuffle={shuffle})"] = bench_ray(str(work / "shards"), augment, args, shuffle)

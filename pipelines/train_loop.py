@@ -144,8 +144,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     per_worker_batch = cfg.data.batch_size // world
-    # data.shuffle=files only reorders shards and blocks; mix rows within each worker's stream as well
-    shuffle_buffer = 8 * per_worker_batch if cfg.data.shuffle == "files" else None
     train_data = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     gt_cache: dict[str, Any] = {}
@@ -162,8 +160,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     while step < tc.max_steps:
         model.train()
         epoch_start, epoch_steps = time.perf_counter(), 0
-        batches = iter(train_data.iter_torch_batches(batch_size=per_worker_batch, collate_fn=collate, drop_last=True,
-                                                     local_shuffle_buffer_size=shuffle_buffer))  # fmt: skip
+        batches = iter(train_data.iter_torch_batches(batch_size=per_worker_batch, collate_fn=collate, drop_last=True))
         batch = next(batches, None)
         # every rank needs a batch before the first DDP step of the epoch, or none of them steps (C8)
         empty = _all_reduce(torch.tensor([float(batch is None)], device=device))

@@ -111,7 +111,8 @@ class DataConfig:
     val_batch_size: int = 8  # per worker
     synthetic_val_images: int = 0  # size of the generated val split (its own seed: synthetic_seed + 1)
     # rows: an exact random_shuffle of the train rows every epoch (an all-to-all barrier at each epoch start);
-    # files: shard and block order only, plus a local shuffle buffer per worker (no barrier: small/CPU runs)
+    # files: a new shard order every epoch, rows permuted within each decode task of 8 batches (streamed, no
+    # barrier; mixing is only as fine as the shards: prepare with a smaller --rows-per-shard for small datasets)
     shuffle: str = "rows"
 
 

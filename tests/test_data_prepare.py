@@ -166,6 +166,15 @@ def test_train_reshuffles_every_epoch_val_is_deterministic_and_unaugmented(ray_l
         b = e[0]
         assert b["images"].shape[-1] % 128 == 0 and b["gt_labels"].dtype == torch.int64
 
+    # shuffle="files": no all-to-all stage, yet a new shard order and rows permuted inside each decode task
+    files = build_dataset(str(out), train=True, min_sizes=[64], max_size=160, seed=0, shuffle="files", batch_size=4)
+    assert "RandomShuffle" not in str(files) and "RandomizeBlockOrder" not in str(files)
+    orders = [[i for b in _epoch_batches(files, collate) for i in b["image_ids"].tolist()] for _ in range(3)]
+    assert all(sorted(o) == list(range(1, 13)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    in_shard_order = [sorted(o[k : k + 4]) == o[k : k + 4] for o in orders for k in range(0, 12, 4)]
+    assert not all(in_shard_order)  # rows of a 4-row shard do not simply come out in their stored order
+
     val = build_dataset(str(out), train=False, min_sizes=[96], max_size=160)
     a, b = _epoch_batches(val, collate), _epoch_batches(val, collate)
     assert [x["image_ids"].tolist() for x in a] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
