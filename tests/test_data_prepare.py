@@ -194,3 +194,20 @@ def test_train_reshuffles_every_epoch_val_is_deterministic_and_unaugmented(ray_l
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     expected = (torch.from_numpy(ref.image.copy()).permute(2, 0, 1).float() / 255 - mean) / std
     torch.testing.assert_close(a[0]["images"][0, :, :h, :w], expected)
+
+
+def test_datasets_from_config_follow_data_shuffle_and_batch_sizes(ray_local, dataset, tmp_path):
+    from pipelines.data import TRAIN_TASK_BATCHES, datasets_from_config
+    from retina.config import load_config
+
+    ann, images = dataset
+    prepare(ann, images, tmp_path / "shards", rows_per_shard=4)
+    common = [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={tmp_path / 'shards'}"]
+    for shuffle, stage in (("rows", "RandomShuffle"), ("files", None)):
+        cfg = load_config(None, [*common, f"data.shuffle={shuffle}", "data.batch_size=8", "data.val_batch_size=3"])
+        train, val, labels = datasets_from_config(cfg)
+        plan = str(train)
+        assert ("RandomShuffle" in plan) == (stage is not None), plan
+        assert f"num_rows_per_block={8 * TRAIN_TASK_BATCHES}" in plan  # decode tasks of 8 global batches
+        assert "num_rows_per_block=3" in str(val) and "RandomShuffle" not in str(val)
+        assert labels.coco_ids == (1, 3, 7, 12, 90)  # the sample categories, from the manifest
