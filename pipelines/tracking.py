@@ -114,8 +114,8 @@ class RunLogger:
                 continue
             batch.append(Metric(key, float(value), now, int(step)))
             self._last_step[key] = int(step)
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics (per-class AP of LVIS: 2406)
+            self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:

@@ -7,6 +7,8 @@
 - pycocotools reports -1 for a metric with no ground truth at all (e.g. APs when no object is small); we report
   0.0 so that metric logs stay finite, and list the affected names in ``CocoEvalResult.undefined``.
 - pycocotools' prints are captured into ``CocoEvalResult.report`` (the usual 12-line summary) for logging.
+- ``CocoEvalResult.per_class`` holds AP and AP50 per category (as detectron2's per-category table and
+  mmdetection's ``classwise`` option report them): one weak class hides in the mean otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +33,45 @@ class CocoEvalResult:
     metrics: dict[str, float]  # METRICS → value in [0, 1]; 0.0 where undefined
     report: str  # pycocotools' printed summary
     undefined: list[str] = field(default_factory=list)  # metrics pycocotools reported as -1 (no GT in range)
+    # COCO category id → {"AP", "AP50"} over all areas, 100 detections; categories without GT are left out
+    per_class: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
+    """AP@[.5:.95] and AP50 per category from COCOeval's accumulated precision array."""
+    precision = evaluator.eval["precision"]  # (T iou thresholds, R recalls, K categories, A areas, M max-dets)
+    out: dict[int, dict[str, float]] = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100; -1 where the category has no ground truth
+        if not (p > -1).any():
+            continue
+        p50 = p[0]  # iouThrs[0] = 0.5
+        out[int(cat_id)] = {"AP": float(p[p > -1].mean()), "AP50": float(p50[p50 > -1].mean())}
+    return out
+
+
+def per_class_metrics(result: CocoEvalResult, names: Mapping[int, str], prefix: str) -> dict[str, float]:
+    """Flat metric names for a tracker: ``{prefix}class_AP/<name>`` and ``{prefix}class_AP50/<name>``."""
+    out: dict[str, float] = {}
+    for cat_id, values in result.per_class.items():
+        name = metric_safe(names.get(cat_id, str(cat_id)))
+        out[f"{prefix}class_AP/{name}"] = values["AP"]
+        out[f"{prefix}class_AP50/{name}"] = values["AP50"]
+    return out
+
+
+def metric_safe(name: str) -> str:
+    """MLflow metric keys take letters, digits, ``_-. /``; anything else in a category name becomes ``_``."""
+    return re.sub(r"[^\w\-. ]", "_", name).strip() or "_"
+
+
+def per_class_table(result: CocoEvalResult, names: Mapping[int, str]) -> str:
+    """One line per category: COCO id, name, AP, AP50 (categories without ground truth are not listed)."""
+    lines = ["  id  category              AP      AP50"]
+    for cat_id, values in sorted(result.per_class.items()):
+        name = names.get(cat_id, str(cat_id))
+        lines.append(f"  {cat_id:>3} {name[:20]:<20} {values['AP']:.4f}  {values['AP50']:.4f}")
+    return "\n".join(lines)
 
 
 def _coco_from_dict(gt: Mapping[str, Any]) -> COCO:
@@ -61,7 +103,9 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
     """Full evaluation: metrics, the printed summary, and which metrics were undefined."""
     _check_detections(gt, detections)
     if len(detections) == 0:
-        return CocoEvalResult({k: 0.0 for k in METRICS}, "no detections: every metric is 0.0\n")
+        with_gt = {int(a["category_id"]) for a in gt["annotations"] if not a.get("iscrowd", 0)}
+        per_class = {c: {"AP": 0.0, "AP50": 0.0} for c in sorted(with_gt)}  # what COCOeval lists: non-crowd GT
+        return CocoEvalResult({k: 0.0 for k in METRICS}, "no detections: every metric is 0.0\n", [], per_class)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_gt = _coco_from_dict(gt)
@@ -82,7 +126,7 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
     stats = [float(s) for s in evaluator.stats[: len(METRICS)]]
     undefined = [name for name, s in zip(METRICS, stats, strict=True) if s < 0]
     metrics = {name: (max(s, 0.0) if np.isfinite(s) else 0.0) for name, s in zip(METRICS, stats, strict=True)}
-    return CocoEvalResult(metrics, out.getvalue(), undefined)
+    return CocoEvalResult(metrics, out.getvalue(), undefined, _per_class(evaluator))
 
 
 def evaluate_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:

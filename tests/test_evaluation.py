@@ -13,6 +13,9 @@ from retina.evaluation import (
     coco_evaluate,
     detections_to_coco,
     evaluate_detections,
+    metric_safe,
+    per_class_metrics,
+    per_class_table,
 )
 
 
@@ -43,8 +46,27 @@ def test_perfect_detections_score_one():
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
 
 
+def test_per_class_ap_separates_a_perfect_class_from_a_missed_one():
+    gt = _gt()
+    gt["categories"].append({"id": 12, "name": "cross/x"})  # no ground truth: not listed
+    squares_only = [d for d in _perfect(gt) if d["category_id"] == 3]
+    result = coco_evaluate(gt, squares_only)
+    assert set(result.per_class) == {3, 90}
+    assert result.per_class[3] == pytest.approx({"AP": 1.0, "AP50": 1.0})
+    assert result.per_class[90] == {"AP": 0.0, "AP50": 0.0}
+    assert result.metrics["AP"] == pytest.approx(0.5)  # the mean over the two classes with ground truth
+    names = {3: "square", 90: "star", 12: "cross/x"}
+    assert per_class_metrics(result, names, "val/") == pytest.approx(
+        {"val/class_AP/square": 1.0, "val/class_AP50/square": 1.0, "val/class_AP/star": 0.0, "val/class_AP50/star": 0.0}
+    )
+    table = per_class_table(result, names)
+    assert "square" in table and "star" in table and "cross" not in table
+    assert metric_safe("cross/x") == "cross_x" and metric_safe("traffic light") == "traffic light"
+
+
 def test_zero_detections_score_zero_without_crashing():
     assert evaluate_detections(_gt(), []) == {k: 0.0 for k in METRICS}
+    assert coco_evaluate(_gt(), []).per_class == {3: {"AP": 0.0, "AP50": 0.0}, 90: {"AP": 0.0, "AP50": 0.0}}
 
 
 def test_detections_inside_crowd_regions_are_ignored():

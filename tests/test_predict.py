@@ -217,6 +217,9 @@ def test_evaluate_reproduces_training_val_ap_and_links_the_model(trained):
     run = client.get_run(evaluation.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/AP"] == pytest.approx(evaluation.metrics["AP"], abs=1e-12)
+    assert evaluation.per_class and {c["id"] for c in evaluation.per_class} <= SAMPLE_IDS
+    for c in evaluation.per_class:  # per category, as logged and as in the printed table
+        assert run.data.metrics[f"eval/class_AP/{c['name']}"] == pytest.approx(c["AP"], abs=1e-12)
     assert {a.path for a in client.list_artifacts(evaluation.run_id, "evaluation")} == {
         "evaluation/report.json", "evaluation/cocoeval.txt"
     }  # fmt: skip

@@ -124,6 +124,8 @@ def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
     for key in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "train/lr", "train/images_per_s"):
         assert key in run.data.metrics, key
         assert 0 <= run.data.metrics[key] < 1e6
+    per_class = {k for k in run.data.metrics if k.startswith("val/class_AP/")}
+    assert per_class and per_class <= {f"val/class_AP/{n}" for n in ("circle", "square", "triangle", "cross", "star")}
     assert run.data.params["train.base_lr"] == "0.01"
     assert run.data.params["model.backbone.name"] == "resnet18"
     assert run.data.params["scaling.num_workers"] == "2"
