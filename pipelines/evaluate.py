@@ -37,7 +37,7 @@ from pipelines.data import build_dataset, coco_gt_from_shards, label_map, load_m
 from pipelines.evaluation_loop import evaluate  # noqa: E402
 from pipelines.inference import Detector, ModelLoadError, load_model  # noqa: E402
 from retina.data.coco import DataError  # noqa: E402
-from retina.evaluation import METRICS, metric_safe  # noqa: E402
+from retina.evaluation import METRICS, per_class_metrics, per_class_rows, per_class_table  # noqa: E402
 
 logger = logging.getLogger("retina.evaluate")
 
@@ -96,7 +96,7 @@ def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation
         metrics=dict(result.coco.metrics),
         report=result.coco.report,
         undefined=list(result.coco.undefined),
-        per_class=[{"id": c, "name": names.get(c, str(c)), **v} for c, v in sorted(result.coco.per_class.items())],
+        per_class=per_class_rows(result.coco, names),
         num_images=result.num_images,
         num_detections=result.num_detections,
         batch_size=batch_size,
@@ -122,6 +122,8 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import log_metric_batch
+
     src = detector.source
     client = MlflowClient(tracking_uri)
     run = client.create_run(
@@ -144,12 +146,9 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
             "num_images": evaluation.num_images,
         }
         metrics = [Metric(f"eval/{k}", float(v), now, 0, model_id=src.model_id) for k, v in evaluation.metrics.items()]
-        for c in evaluation.per_class:
-            for key in ("AP", "AP50"):
-                metrics.append(Metric(f"eval/class_{key}/{metric_safe(c['name'])}", float(c[key]), now, 0))
+        metrics += [Metric(k, v, now, 0) for k, v in per_class_metrics(evaluation.per_class, "eval/").items()]
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics (LVIS: 1203 classes)
-            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        log_metric_batch(client, run_id, metrics)
         report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id")}
         client.log_dict(run_id, report, "evaluation/report.json")
         client.log_text(run_id, evaluation.report, "evaluation/cocoeval.txt")
@@ -207,9 +206,7 @@ def format_table(evaluation: Evaluation) -> str:
         note = "  (no ground truth in range)" if name in evaluation.undefined else ""
         lines.append(f"  {name:<7}  {evaluation.metrics[name]:.4f}{note}")
     if evaluation.per_class:
-        lines.append("  per category:        AP      AP50")
-        for c in evaluation.per_class:
-            lines.append(f"  {c['id']:>4} {str(c['name'])[:14]:<14} {c['AP']:.4f}  {c['AP50']:.4f}")
+        lines.append(per_class_table(evaluation.per_class))
     if evaluation.run_id:
         lines.append(f"  logged to MLflow run {evaluation.run_id}")
     return "\n".join(lines)

@@ -83,6 +83,12 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
+def log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """``log_batch`` in chunks: MLflow takes at most 1000 metrics per call (per-class AP/AP50 of LVIS: 2406)."""
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Set the run's final status: FINISHED, FAILED or KILLED."""
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
@@ -114,8 +120,7 @@ class RunLogger:
                 continue
             batch.append(Metric(key, float(value), now, int(step)))
             self._last_step[key] = int(step)
-        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics (per-class AP of LVIS: 2406)
-            self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        log_metric_batch(self._client, self.run_id, batch)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:

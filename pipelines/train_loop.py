@@ -36,7 +36,7 @@ from pipelines.evaluation_loop import EvalResult, evaluate
 from pipelines.optim import WarmupMultiStepLR, build_optimizer
 from pipelines.tracking import RunLogger
 from retina.config import Config, config_from_dict, to_dict
-from retina.evaluation import per_class_metrics, per_class_table
+from retina.evaluation import per_class_metrics, per_class_rows, per_class_table
 from retina.model import RetinaNet, build_retinanet
 
 logger = logging.getLogger("retina.train")
@@ -113,6 +113,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     label_map = config["label_map"]
     coco_ids = [int(c["id"]) for c in label_map]
     names = [str(c["name"]) for c in label_map]
+    class_names = dict(zip(coco_ids, names, strict=True))  # COCO id → name, for the per-class metrics
 
     # 1. model, optimizer, learning-rate schedule, loss scaler
     model = build_retinanet(cfg.model)
@@ -251,7 +252,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             continue
-        _log_evaluation(tracker, result, metrics, step, epoch, names, dict(zip(coco_ids, names, strict=True)))
+        _log_evaluation(tracker, result, metrics, step, epoch, names, class_names)
         state = TrainState(
             step=step, epoch=epoch, config=to_dict(cfg), label_map=label_map, model=model.state_dict(),
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -275,19 +276,20 @@ def _log_evaluation(
 ) -> None:
     """Rank 0: val metrics (also per class, to MLflow only: Tune's table stays the summary), the evaluation
     report, and (at the end) a few val images with boxes."""
+    per_class = per_class_rows(result.coco, class_names)
     val = {k: v for k, v in metrics.items() if k.startswith("val/")}
-    tracker.log_metrics({**val, **per_class_metrics(result.coco, class_names, "val/")}, step)
+    tracker.log_metrics({**val, **per_class_metrics(per_class, "val/")}, step)
     report = {
         "step": step,
         "epoch": epoch,
         "metrics": result.coco.metrics,
         "undefined_metrics": result.coco.undefined,
-        "per_class": [{"id": c, "name": class_names.get(c, str(c)), **v} for c, v in result.coco.per_class.items()],
+        "per_class": per_class,
         "num_images": result.num_images,
         "num_detections": result.num_detections,
     }
     tracker.log_dict(report, "evaluation/report.json")
-    tracker.log_text(result.coco.report + "\n" + per_class_table(result.coco, class_names), "evaluation/cocoeval.txt")
+    tracker.log_text(result.coco.report + "\n" + per_class_table(per_class), "evaluation/cocoeval.txt")
     for sample in result.samples:
         fig = plots.detections_figure(sample, names)
         tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")

@@ -50,13 +50,19 @@ def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
     return out
 
 
-def per_class_metrics(result: CocoEvalResult, names: Mapping[int, str], prefix: str) -> dict[str, float]:
+def per_class_rows(result: CocoEvalResult, names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """``{"id", "name", "AP", "AP50"}`` per category with ground truth, by COCO id: the form reports, trackers and
+    tables take."""
+    return [{"id": c, "name": names.get(c, str(c)), **v} for c, v in sorted(result.per_class.items())]
+
+
+def per_class_metrics(rows: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, float]:
     """Flat metric names for a tracker: ``{prefix}class_AP/<name>`` and ``{prefix}class_AP50/<name>``."""
     out: dict[str, float] = {}
-    for cat_id, values in result.per_class.items():
-        name = metric_safe(names.get(cat_id, str(cat_id)))
-        out[f"{prefix}class_AP/{name}"] = values["AP"]
-        out[f"{prefix}class_AP50/{name}"] = values["AP50"]
+    for row in rows:
+        name = metric_safe(str(row["name"]))
+        out[f"{prefix}class_AP/{name}"] = float(row["AP"])
+        out[f"{prefix}class_AP50/{name}"] = float(row["AP50"])
     return out
 
 
@@ -65,12 +71,11 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^\w\-. ]", "_", name).strip() or "_"
 
 
-def per_class_table(result: CocoEvalResult, names: Mapping[int, str]) -> str:
+def per_class_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line per category: COCO id, name, AP, AP50 (categories without ground truth are not listed)."""
     lines = ["  id  category              AP      AP50"]
-    for cat_id, values in sorted(result.per_class.items()):
-        name = names.get(cat_id, str(cat_id))
-        lines.append(f"  {cat_id:>3} {name[:20]:<20} {values['AP']:.4f}  {values['AP50']:.4f}")
+    for row in rows:
+        lines.append(f"  {row['id']:>3} {str(row['name'])[:20]:<20} {row['AP']:.4f}  {row['AP50']:.4f}")
     return "\n".join(lines)
 
 

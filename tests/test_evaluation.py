@@ -15,6 +15,7 @@ from retina.evaluation import (
     evaluate_detections,
     metric_safe,
     per_class_metrics,
+    per_class_rows,
     per_class_table,
 )
 
@@ -55,11 +56,12 @@ def test_per_class_ap_separates_a_perfect_class_from_a_missed_one():
     assert result.per_class[3] == pytest.approx({"AP": 1.0, "AP50": 1.0})
     assert result.per_class[90] == {"AP": 0.0, "AP50": 0.0}
     assert result.metrics["AP"] == pytest.approx(0.5)  # the mean over the two classes with ground truth
-    names = {3: "square", 90: "star", 12: "cross/x"}
-    assert per_class_metrics(result, names, "val/") == pytest.approx(
+    rows = per_class_rows(result, {3: "square", 90: "star", 12: "cross/x"})
+    assert [(r["id"], r["name"]) for r in rows] == [(3, "square"), (90, "star")]
+    assert per_class_metrics(rows, "val/") == pytest.approx(
         {"val/class_AP/square": 1.0, "val/class_AP50/square": 1.0, "val/class_AP/star": 0.0, "val/class_AP50/star": 0.0}
     )
-    table = per_class_table(result, names)
+    table = per_class_table(rows)
     assert "square" in table and "star" in table and "cross" not in table
     assert metric_safe("cross/x") == "cross_x" and metric_safe("traffic light") == "traffic light"
 
