@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    name: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    # Planes of the stem and first stage; later stages double them. 64 = the standard ResNet (ImageNet weights
+    # need it); 32 quarters the compute and the parameters, for small models trained from scratch.
+    width: int = 64
     weights: str | None = None  # path to an ImageNet state dict (torchvision layout); None = random init
     norm: str = "frozen_bn"  # frozen_bn (fine-tuning from ImageNet) | bn (from scratch) | gn
     trainable_layers: int = 3  # how many of (conv1, layer1..layer4) train, counted from the top, 0..5
@@ -400,7 +403,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ checks
 
-_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
+_BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -413,6 +416,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     _require(m.num_classes >= 1, f"{prefix}.num_classes", "must be >= 1")
     _require(b.name in _BACKBONES, f"{prefix}.backbone.name", f"must be one of {_BACKBONES}")
     _require(b.norm in ("frozen_bn", "bn", "gn"), f"{prefix}.backbone.norm", "must be frozen_bn, bn or gn")
+    _require(b.width >= 8, f"{prefix}.backbone.width", "must be >= 8")
+    _require(b.width == 64 or b.name != "resnext101_32x8d", f"{prefix}.backbone.width", "must be 64 for resnext")
+    _require(b.norm != "gn" or b.width % 32 == 0, f"{prefix}.backbone.width", "must be a multiple of 32 with gn")
     _require(0 <= b.trainable_layers <= 5, f"{prefix}.backbone.trainable_layers", "must be in 0..5")
     _require(b.fpn_channels >= 1, f"{prefix}.backbone.fpn_channels", "must be >= 1")
     _require(b.p6_input in ("c5", "p5"), f"{prefix}.backbone.p6_input", "must be c5 or p5")

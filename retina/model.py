@@ -159,7 +159,7 @@ def build_retinanet(cfg: ModelConfig | None = None, backbone_weights: str | dict
     b, a, h = cfg.backbone, cfg.anchors, cfg.head
     backbone = build_backbone(
         b.name, backbone_weights if backbone_weights is not None else b.weights, b.norm, b.trainable_layers,
-        b.fpn_channels, b.p6_input,
+        b.fpn_channels, b.p6_input, b.width,
     )  # fmt: skip
     anchor_generator = AnchorGenerator(a.sizes, a.scales, a.aspect_ratios, a.integer_sizes)
     head = RetinaNetHead(b.fpn_channels, anchor_generator.num_anchors, cfg.num_classes, h.num_convs, h.prior, h.norm)

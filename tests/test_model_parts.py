@@ -287,3 +287,44 @@ def test_backbone_weights_from_path(tmp_path):
     cfg.backbone.name = "resnet34"
     with pytest.raises(ValueError, match="do not fit"):
         build_retinanet(cfg)
+
+
+def test_scaled_resnet_keeps_torchvision_layout_and_scales_the_cost():
+    from torchvision.models import resnet18
+
+    from retina.backbone import _STAGES, ScaledResNet
+
+    # at width 64 the rebuilt network is torchvision's ResNet-18 key for key and shape for shape (minus fc)
+    ours = ScaledResNet(*_STAGES["resnet18"], width=64).state_dict()
+    ref = {k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+
+    def body_params(name: str, width: int) -> int:
+        cfg = ModelConfig(num_classes=3)
+        cfg.backbone.name, cfg.backbone.width, cfg.backbone.fpn_channels = name, width, 64
+        model = build_retinanet(cfg)
+        feats = model.backbone(torch.rand(1, 3, 128, 192))
+        # P3..P7 at strides 8..128, fpn_channels wide, whatever the trunk's width
+        assert [tuple(f.shape) for f in feats.values()] == [(1, 64, 128 // s, 192 // s) for s in (8, 16, 32, 64)] + [
+            (1, 64, 1, 2)
+        ]
+        assert model.backbone.body.layer4[0].conv1.out_channels == 8 * width
+        return sum(p.numel() for p in model.backbone.body.parameters())
+
+    r18, r10, r10_half = body_params("resnet18", 64), body_params("resnet10", 64), body_params("resnet10", 32)
+    assert r10 < 0.5 * r18 and 0.2 * r10 < r10_half < 0.3 * r10  # one block per stage; half width → ~1/4
+
+
+def test_backbone_width_checks():
+    from retina.config import ConfigError, validate_model
+
+    cfg = ModelConfig(num_classes=2)
+    cfg.backbone.name, cfg.backbone.width = "resnext101_32x8d", 32
+    with pytest.raises(ConfigError, match="model.backbone.width"):
+        validate_model(cfg)
+    cfg.backbone.name, cfg.backbone.norm, cfg.backbone.width = "resnet18", "gn", 48
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        validate_model(cfg)
+    cfg.backbone.norm, cfg.backbone.width, cfg.backbone.fpn_channels = "bn", 32, 256  # C5 = 256 = FPN width
+    with pytest.raises(ValueError, match="p6_input"):
+        build_retinanet(cfg)
