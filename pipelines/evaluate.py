@@ -37,7 +37,14 @@ from pipelines.data import build_dataset, coco_gt_from_shards, label_map, load_m
 from pipelines.evaluation_loop import evaluate  # noqa: E402
 from pipelines.inference import Detector, ModelLoadError, load_model  # noqa: E402
 from retina.data.coco import DataError  # noqa: E402
-from retina.evaluation import METRICS, per_class_metrics, per_class_rows, per_class_table  # noqa: E402
+from retina.evaluation import (  # noqa: E402
+    METRICS,
+    agnostic_line,
+    agnostic_metrics,
+    per_class_metrics,
+    per_class_rows,
+    per_class_table,
+)
 
 logger = logging.getLogger("retina.evaluate")
 
@@ -50,6 +57,7 @@ class Evaluation:
     report: str  # pycocotools' summary
     undefined: list[str]
     per_class: list[dict[str, Any]]  # one {"id", "name", "AP", "AP50"} per category with ground truth
+    agnostic: dict[str, float]  # class-agnostic {"AP", "AP50"}: the gap to metrics is what classification costs
     num_images: int
     num_detections: int
     batch_size: int
@@ -97,6 +105,7 @@ def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation
         report=result.coco.report,
         undefined=list(result.coco.undefined),
         per_class=per_class_rows(result.coco, names),
+        agnostic=dict(result.coco.agnostic),
         num_images=result.num_images,
         num_detections=result.num_detections,
         batch_size=batch_size,
@@ -146,12 +155,14 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
             "num_images": evaluation.num_images,
         }
         metrics = [Metric(f"eval/{k}", float(v), now, 0, model_id=src.model_id) for k, v in evaluation.metrics.items()]
-        metrics += [Metric(k, v, now, 0) for k, v in per_class_metrics(evaluation.per_class, "eval/").items()]
+        extra = {**per_class_metrics(evaluation.per_class, "eval/"), **agnostic_metrics(evaluation.agnostic, "eval/")}
+        metrics += [Metric(k, v, now, 0) for k, v in extra.items()]
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         log_metric_batch(client, run_id, metrics)
         report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id")}
         client.log_dict(run_id, report, "evaluation/report.json")
-        client.log_text(run_id, evaluation.report, "evaluation/cocoeval.txt")
+        text = "\n".join([evaluation.report, agnostic_line(evaluation.agnostic, evaluation.metrics)])
+        client.log_text(run_id, text, "evaluation/cocoeval.txt")
         if src.registered_name and src.version:
             for k, v in evaluation.metrics.items():
                 client.set_model_version_tag(src.registered_name, src.version, f"eval/{k}", repr(float(v)))
@@ -207,6 +218,8 @@ def format_table(evaluation: Evaluation) -> str:
         lines.append(f"  {name:<7}  {evaluation.metrics[name]:.4f}{note}")
     if evaluation.per_class:
         lines.append(per_class_table(evaluation.per_class))
+    if evaluation.agnostic:
+        lines.append(agnostic_line(evaluation.agnostic, evaluation.metrics))
     if evaluation.run_id:
         lines.append(f"  logged to MLflow run {evaluation.run_id}")
     return "\n".join(lines)

@@ -226,7 +226,7 @@ def _finish(cfg: Config, result: ray.train.Result, tracking_uri: str, run_id: st
     model = build_retinanet(cfg.model)
     model.load_state_dict(state.model)
     _log_curves(tracking_uri, run_id)
-    val_ap = float((state.metrics or {}).get("AP", 0.0))
+    val_ap = float((state.metrics or {}).get("val/AP", 0.0))  # the checkpoint keeps the metrics as reported
     logged = log_and_register(
         model,
         label_map=labels,

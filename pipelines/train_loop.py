@@ -36,7 +36,7 @@ from pipelines.evaluation_loop import EvalResult, evaluate
 from pipelines.optim import WarmupMultiStepLR, build_optimizer
 from pipelines.tracking import RunLogger
 from retina.config import Config, config_from_dict, to_dict
-from retina.evaluation import per_class_metrics, per_class_rows, per_class_table
+from retina.evaluation import agnostic_line, agnostic_metrics, per_class_metrics, per_class_rows, per_class_table
 from retina.model import RetinaNet, build_retinanet
 
 logger = logging.getLogger("retina.train")
@@ -274,22 +274,26 @@ def _log_evaluation(
     names: list[str],
     class_names: dict[int, str],
 ) -> None:
-    """Rank 0: val metrics (also per class, to MLflow only: Tune's table stays the summary), the evaluation
-    report, and (at the end) a few val images with boxes."""
+    """Rank 0: val metrics (also per class and class-agnostic, to MLflow only: Tune's table stays the summary),
+    the evaluation report, and (at the end) a few val images with boxes."""
     per_class = per_class_rows(result.coco, class_names)
     val = {k: v for k, v in metrics.items() if k.startswith("val/")}
-    tracker.log_metrics({**val, **per_class_metrics(per_class, "val/")}, step)
+    extra = {**per_class_metrics(per_class, "val/"), **agnostic_metrics(result.coco.agnostic, "val/")}
+    tracker.log_metrics({**val, **extra}, step)
     report = {
         "step": step,
         "epoch": epoch,
         "metrics": result.coco.metrics,
         "undefined_metrics": result.coco.undefined,
         "per_class": per_class,
+        "agnostic": result.coco.agnostic,
         "num_images": result.num_images,
         "num_detections": result.num_detections,
     }
     tracker.log_dict(report, "evaluation/report.json")
-    tracker.log_text(result.coco.report + "\n" + per_class_table(per_class), "evaluation/cocoeval.txt")
+    coco = result.coco
+    text = "\n".join([coco.report, per_class_table(per_class), agnostic_line(coco.agnostic, coco.metrics)])
+    tracker.log_text(text, "evaluation/cocoeval.txt")
     for sample in result.samples:
         fig = plots.detections_figure(sample, names)
         tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")

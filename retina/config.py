@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+# Exponent floats (1e-4, 2.5E3): PyYAML follows YAML 1.1 and reads them as strings unless they hold a dot.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, ill-typed or out of range; the message names the dotted key."""
@@ -293,6 +296,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and users read a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

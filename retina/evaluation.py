@@ -9,6 +9,9 @@
 - pycocotools' prints are captured into ``CocoEvalResult.report`` (the usual 12-line summary) for logging.
 - ``CocoEvalResult.per_class`` holds AP and AP50 per category (as detectron2's per-category table and
   mmdetection's ``classwise`` option report them): one weak class hides in the mean otherwise.
+- ``CocoEvalResult.agnostic`` holds the class-agnostic AP and AP50 (COCOeval with ``useCats=0``: a detection
+  may match an object of any class). Its gap to the class-aware AP is what classification costs; the rest is
+  localisation and recall. Every detection counts, so one object found under two classes has a duplicate.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class CocoEvalResult:
     undefined: list[str] = field(default_factory=list)  # metrics pycocotools reported as -1 (no GT in range)
     # COCO category id → {"AP", "AP50"} over all areas, 100 detections; categories without GT are left out
     per_class: dict[int, dict[str, float]] = field(default_factory=dict)
+    agnostic: dict[str, float] = field(default_factory=dict)  # {"AP", "AP50"} with every class merged
 
 
 def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
@@ -48,6 +52,34 @@ def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
         p50 = p[0]  # iouThrs[0] = 0.5
         out[int(cat_id)] = {"AP": float(p[p > -1].mean()), "AP50": float(p50[p50 > -1].mean())}
     return out
+
+
+def _agnostic(coco_gt: COCO, coco_dt: COCO) -> dict[str, float]:
+    """AP@[.5:.95] and AP50 of a COCOeval that ignores categories (useCats=0), area "all", 100 detections."""
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.params.useCats = 0
+    evaluator.evaluate()
+    evaluator.accumulate()
+    p = evaluator.eval["precision"][:, :, 0, 0, -1]  # (T, R): the one merged "category"
+    p50 = p[0]
+    return {
+        "AP": float(p[p > -1].mean()) if (p > -1).any() else 0.0,
+        "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0,
+    }
+
+
+def agnostic_metrics(agnostic: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """Flat metric names for a tracker: ``{prefix}agnostic_AP`` and ``{prefix}agnostic_AP50``."""
+    return {f"{prefix}agnostic_{k}": float(v) for k, v in agnostic.items()}
+
+
+def agnostic_line(agnostic: Mapping[str, float], metrics: Mapping[str, float]) -> str:
+    """One line for reports: the class-agnostic AP / AP50 next to the class-aware `metrics`."""
+    a, m = agnostic, metrics
+    if not a:
+        return ""
+    return (f"  class-agnostic AP {a['AP']:.4f} (class-aware {m['AP']:.4f}), AP50 {a['AP50']:.4f} "
+            f"(class-aware {m['AP50']:.4f}): the gap is what classification costs")  # fmt: skip
 
 
 def per_class_rows(result: CocoEvalResult, names: Mapping[int, str]) -> list[dict[str, Any]]:
@@ -110,7 +142,8 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
     if len(detections) == 0:
         with_gt = {int(a["category_id"]) for a in gt["annotations"] if not a.get("iscrowd", 0)}
         per_class = {c: {"AP": 0.0, "AP50": 0.0} for c in sorted(with_gt)}  # what COCOeval lists: non-crowd GT
-        return CocoEvalResult({k: 0.0 for k in METRICS}, "no detections: every metric is 0.0\n", [], per_class)
+        zeros = {k: 0.0 for k in METRICS}
+        return CocoEvalResult(zeros, "no detections: every metric is 0.0\n", [], per_class, {"AP": 0.0, "AP50": 0.0})
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_gt = _coco_from_dict(gt)
@@ -128,10 +161,12 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    with contextlib.redirect_stdout(io.StringIO()):  # the report stays pycocotools' usual one
+        agnostic = _agnostic(coco_gt, coco_dt)
     stats = [float(s) for s in evaluator.stats[: len(METRICS)]]
     undefined = [name for name, s in zip(METRICS, stats, strict=True) if s < 0]
     metrics = {name: (max(s, 0.0) if np.isfinite(s) else 0.0) for name, s in zip(METRICS, stats, strict=True)}
-    return CocoEvalResult(metrics, out.getvalue(), undefined, _per_class(evaluator))
+    return CocoEvalResult(metrics, out.getvalue(), undefined, _per_class(evaluator), agnostic)
 
 
 def evaluate_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -68,6 +68,16 @@ def test_error_names_the_file():
         load_config(CONFIGS / "smoke.yaml", ["train.nope=1"])
 
 
+def test_exponent_floats_read_as_numbers_only_where_a_number_is_expected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {base_lr: 1e-3, weight_decay: 5E-5}\ntracking: {experiment: 1e-3}\n")
+    cfg = load_config(path, ["tracking.alias_min_ap=2.5e-1"])
+    assert (cfg.train.base_lr, cfg.train.weight_decay, cfg.tracking.alias_min_ap) == (1e-3, 5e-5, 0.25)
+    assert cfg.tracking.experiment == "1e-3"  # a string field keeps the text
+    with pytest.raises(ConfigError, match="train.base_lr: expected a number, got '1e-'"):
+        load_config(path, ["train.base_lr=1e-"])
+
+
 def test_overrides_are_typed_and_flatten_for_mlflow():
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.base_lr=1", "scaling.resources_per_worker={A100: 1}"])
     assert cfg.train.base_lr == 1.0 and isinstance(cfg.train.base_lr, float)

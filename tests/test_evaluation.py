@@ -9,6 +9,8 @@ import torch
 from retina.data.coco import LabelMap
 from retina.evaluation import (
     METRICS,
+    agnostic_line,
+    agnostic_metrics,
     boxes_to_original,
     coco_evaluate,
     detections_to_coco,
@@ -69,6 +71,23 @@ def test_per_class_ap_separates_a_perfect_class_from_a_missed_one():
 def test_zero_detections_score_zero_without_crashing():
     assert evaluate_detections(_gt(), []) == {k: 0.0 for k in METRICS}
     assert coco_evaluate(_gt(), []).per_class == {3: {"AP": 0.0, "AP50": 0.0}, 90: {"AP": 0.0, "AP50": 0.0}}
+    assert coco_evaluate(_gt(), []).agnostic == {"AP": 0.0, "AP50": 0.0}
+
+
+def test_class_agnostic_ap_separates_classification_from_localisation():
+    gt = _gt()
+    perfect = coco_evaluate(gt, _perfect(gt))
+    assert perfect.agnostic == pytest.approx({"AP": 1.0, "AP50": 1.0})
+    # every box in the right place under the wrong class: class-aware AP 0, class-agnostic AP 1
+    swapped = [{**d, "category_id": 90 if d["category_id"] == 3 else 3} for d in _perfect(gt)]
+    result = coco_evaluate(gt, swapped)
+    assert result.metrics["AP"] == 0.0 and result.agnostic == pytest.approx({"AP": 1.0, "AP50": 1.0})
+    # a box off by half its size: wrong for both (IoU < 0.5), whatever the class
+    shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] / 2, *d["bbox"][1:]]} for d in _perfect(gt)]
+    assert coco_evaluate(gt, shifted).agnostic["AP50"] == 0.0
+    expected = {"val/agnostic_AP": 1.0, "val/agnostic_AP50": 1.0}
+    assert agnostic_metrics(result.agnostic, "val/") == pytest.approx(expected)
+    assert "class-agnostic AP 1.0000 (class-aware 0.0000)" in agnostic_line(result.agnostic, result.metrics)
 
 
 def test_detections_inside_crowd_regions_are_ignored():

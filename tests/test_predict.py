@@ -53,10 +53,13 @@ def trained(tmp_path_factory, ray_local):
             # overlap an object of the right class, so its AP is above 0 and the AP comparison below means
             # something (with 100 boxes per image it was sometimes exactly 0).
             "model.postprocess.detections_per_img=1000",
+            "tracking.alias_min_ap=1e-6",  # earned with any AP above 0: the gate must read the checkpoint's AP
         ],
     )
     outcome = train.run(cfg)
     assert outcome.model is not None and outcome.model.alias_uri == f"models:/{MODEL_NAME}@smoke"
+    version = MlflowClient(tracking_uri).get_model_version(MODEL_NAME, outcome.model.version)
+    assert float(version.tags["val_AP"]) == pytest.approx(outcome.metrics["val/AP"], abs=1e-4)
 
     images = root / "images"  # the val images, one in a sub-folder, plus two unreadable files
     shutil.copytree(root / "data" / "val" / "images", images)
@@ -220,6 +223,7 @@ def test_evaluate_reproduces_training_val_ap_and_links_the_model(trained):
     assert evaluation.per_class and {c["id"] for c in evaluation.per_class} <= SAMPLE_IDS
     for c in evaluation.per_class:  # per category, as logged and as in the printed table
         assert run.data.metrics[f"eval/class_AP/{c['name']}"] == pytest.approx(c["AP"], abs=1e-12)
+    assert run.data.metrics["eval/agnostic_AP"] == pytest.approx(evaluation.agnostic["AP"], abs=1e-12)
     assert {a.path for a in client.list_artifacts(evaluation.run_id, "evaluation")} == {
         "evaluation/report.json", "evaluation/cocoeval.txt"
     }  # fmt: skip

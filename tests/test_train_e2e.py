@@ -126,6 +126,8 @@ def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
         assert 0 <= run.data.metrics[key] < 1e6
     per_class = {k for k in run.data.metrics if k.startswith("val/class_AP/")}
     assert per_class and per_class <= {f"val/class_AP/{n}" for n in ("circle", "square", "triangle", "cross", "star")}
+    # class-agnostic AP bounds the class-aware one from above: classification can only lose matches
+    assert run.data.metrics["val/agnostic_AP50"] >= run.data.metrics["val/AP50"] - 1e-9
     assert run.data.params["train.base_lr"] == "0.01"
     assert run.data.params["model.backbone.name"] == "resnet18"
     assert run.data.params["scaling.num_workers"] == "2"

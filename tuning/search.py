@@ -191,7 +191,7 @@ def register_best(
         state = load_checkpoint(ckpt_dir)
     model = build_retinanet(config_from_dict(state.config).model)
     model.load_state_dict(state.model)
-    val_ap = float((state.metrics or {}).get("AP", best.best_ap or 0.0))
+    val_ap = float((state.metrics or {}).get("val/AP", best.best_ap or 0.0))
     logged = log_and_register(
         model,
         label_map=state.label_map,
