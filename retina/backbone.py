@@ -11,8 +11,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+# torchvision's builders: the standard networks at width 64.
 _BUILDERS: dict[str, Callable[..., resnet.ResNet]] = {
-    "resnet10": lambda weights=None, norm_layer=None: ScaledResNet(resnet.BasicBlock, [1, 1, 1, 1], 64, norm_layer),
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
@@ -21,8 +21,9 @@ _BUILDERS: dict[str, Callable[..., resnet.ResNet]] = {
 }
 
 
-# Block type and blocks per stage of the names that can also be built at another width. ResNet-10 (one block per
-# stage, as in timm's resnet10t) costs about half of ResNet-18: for small models trained from scratch.
+# Block type and blocks per stage of the names ScaledResNet builds (any width). ResNet-10 (one block per stage, as
+# in timm's resnet10t; torchvision has no builder for it) costs about half of ResNet-18: for small models trained
+# from scratch.
 _STAGES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet10": (resnet.BasicBlock, [1, 1, 1, 1]),
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
@@ -101,11 +102,11 @@ def build_backbone(
     width: int = 64,
 ) -> BackboneWithFPN:
     """Returns a module mapping (B, 3, H, W) → OrderedDict of 5 maps P3..P7, each (B, fpn_channels, H/s, W/s)."""
-    if name not in _BUILDERS:
-        raise ValueError(f"backbone.name must be one of {sorted(_BUILDERS)}, got {name!r}")
+    if name not in _BUILDERS and name not in _STAGES:
+        raise ValueError(f"backbone.name must be one of {sorted({*_BUILDERS, *_STAGES})}, got {name!r}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"backbone.trainable_layers must be in 0..5, got {trainable_layers}")
-    if width == 64:
+    if width == 64 and name in _BUILDERS:
         net = _BUILDERS[name](weights=None, norm_layer=_norm_layer(norm))
     elif name in _STAGES:
         net = ScaledResNet(*_STAGES[name], width=width, norm_layer=_norm_layer(norm))

@@ -41,17 +41,21 @@ class CocoEvalResult:
     agnostic: dict[str, float] = field(default_factory=dict)  # {"AP", "AP50"} with every class merged
 
 
+def _ap_ap50(evaluator: COCOeval, k: int) -> dict[str, float] | None:
+    """AP@[.5:.95] and AP50 of category index `k` (area "all", 100 detections) from COCOeval's accumulated
+    precision array; None when the category has no ground truth (pycocotools fills -1 there)."""
+    # precision: (T iou thresholds, R recalls, K categories, A areas, M max-dets)
+    p = evaluator.eval["precision"][:, :, k, 0, -1]
+    if not (p > -1).any():
+        return None
+    p50 = p[0]  # iouThrs[0] = 0.5
+    return {"AP": float(p[p > -1].mean()), "AP50": float(p50[p50 > -1].mean())}
+
+
 def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
-    """AP@[.5:.95] and AP50 per category from COCOeval's accumulated precision array."""
-    precision = evaluator.eval["precision"]  # (T iou thresholds, R recalls, K categories, A areas, M max-dets)
-    out: dict[int, dict[str, float]] = {}
-    for k, cat_id in enumerate(evaluator.params.catIds):
-        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100; -1 where the category has no ground truth
-        if not (p > -1).any():
-            continue
-        p50 = p[0]  # iouThrs[0] = 0.5
-        out[int(cat_id)] = {"AP": float(p[p > -1].mean()), "AP50": float(p50[p50 > -1].mean())}
-    return out
+    """AP@[.5:.95] and AP50 per category with ground truth."""
+    rows = {int(cat_id): _ap_ap50(evaluator, k) for k, cat_id in enumerate(evaluator.params.catIds)}
+    return {cat_id: row for cat_id, row in rows.items() if row is not None}
 
 
 def _agnostic(coco_gt: COCO, coco_dt: COCO) -> dict[str, float]:
@@ -60,12 +64,7 @@ def _agnostic(coco_gt: COCO, coco_dt: COCO) -> dict[str, float]:
     evaluator.params.useCats = 0
     evaluator.evaluate()
     evaluator.accumulate()
-    p = evaluator.eval["precision"][:, :, 0, 0, -1]  # (T, R): the one merged "category"
-    p50 = p[0]
-    return {
-        "AP": float(p[p > -1].mean()) if (p > -1).any() else 0.0,
-        "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0,
-    }
+    return _ap_ap50(evaluator, 0) or {"AP": 0.0, "AP50": 0.0}  # index 0: the one merged "category"
 
 
 def agnostic_metrics(agnostic: Mapping[str, float], prefix: str) -> dict[str, float]:
