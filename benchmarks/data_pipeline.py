@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retina.data.collate import collate_samples  # noqa: E402
 from retina.data.transforms import TrainAugment, decode_image  # noqa: E402
@@ -91,19 +87,18 @@ def bench_dataloader(root: Path, ann: Path, augment: TrainAugment, args) -> list
 
 
 def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str) -> list[tuple[int, float]]:
-    from pipelines.data import build_dataset, make_collate_fn
+    """Training's own input path: the train Dataset of `datasets_from_config` for a run config with these sizes."""
+    from pipelines.config import load_config
+    from pipelines.data.datasets import datasets_from_config, make_collate_fn
 
-    ds = build_dataset(
-        shards,
-        train=True,
-        min_sizes=augment.min_sizes,
-        max_size=augment.max_size,
-        flip_prob=augment.flip_prob,
-        seed=0,
-        shuffle=shuffle,
-        batch_size=args.batch_size,
-    )
-    collate = make_collate_fn()
+    cfg = load_config(None, [
+        f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.shuffle={shuffle}",
+        f"data.batch_size={args.batch_size}", f"data.flip_prob={augment.flip_prob}",
+        f"model.input.min_size={augment.min_sizes[0]}", f"model.input.max_size={augment.max_size}",
+        "scaling.num_workers=1", "train.seed=0",
+    ])  # fmt: skip
+    ds, _ = datasets_from_config(cfg)
+    collate = make_collate_fn(cfg.model.input)
     return _run_epochs(lambda: ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args.epochs)
 
 
@@ -120,14 +115,14 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=853)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rows-per-shard", type=int, default=64, help="as pipelines/sample_data.py prepares")
+    parser.add_argument("--rows-per-shard", type=int, default=64, help="as pipelines/data/sample.py prepares")
     parser.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
     parser.add_argument("--workdir", default=None, help="where to put the synthetic data (default: a temp dir)")
     args = parser.parse_args()
 
     import ray
 
-    from pipelines.prepare_data import prepare
+    from pipelines.data.prepare import prepare
     from retina.data.synthetic import generate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="retina-bench-"))

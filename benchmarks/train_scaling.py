@@ -2,8 +2,9 @@
 
     python benchmarks/train_scaling.py [--config configs/demo.yaml] [--steps 40] [--workers 1 2] [--gpu]
 
-Each row is a full `pipelines/train.py` run (Ray Data ingest, DDP over gloo or NCCL, the per-step flag
-all-reduce) of `--steps` steps with the config's global batch, into a throwaway MLflow store and run folder.
+Each row is a full training run (`pipelines.training.run.run_training`, what `pipelines/train.py` calls: Ray
+Data ingest, DDP over gloo or NCCL, the per-step flag all-reduce) of `--steps` steps with the config's global
+batch, into a throwaway MLflow store and run folder.
 The figure is the median of the logged ``train/images_per_s`` windows after the first (which holds start-up:
 worker processes, the first Ray Data execution). On CPU the workers share the machine's cores: 1 worker gets
 all of them as torch threads, N workers get cores/N each, so the ratio shows what DDP over processes costs or
@@ -15,15 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipelines import tracking  # noqa: E402
-from pipelines.train import run  # noqa: E402
-from retina.config import load_config  # noqa: E402
+from pipelines.config import load_config
+from pipelines.names import TRAIN_IMAGES_PER_S
+from pipelines.tracking.store import metric_history
+from pipelines.training.run import run_training
 
 
 def measure(config: str, steps: int, workers: int, cpus: float, gpu: bool, work: Path) -> float:
@@ -46,8 +45,8 @@ def measure(config: str, steps: int, workers: int, cpus: float, gpu: bool, work:
             "tracking.alias=",
         ],
     )
-    outcome = run(cfg)
-    history = tracking.metric_history(outcome.tracking_uri, outcome.mlflow_run_id, "train/images_per_s")
+    outcome = run_training(cfg)
+    history = metric_history(outcome.tracking_uri, outcome.mlflow_run_id, TRAIN_IMAGES_PER_S)
     values = [v for _, v in history[1:]] or [v for _, v in history]
     return statistics.median(values)
 

@@ -1,8 +1,15 @@
-"""The argument-parser set-up shared by the entry points (train, search, predict, evaluate)."""
+"""What every command shares: the parser built from its docstring, the ``--config``/``--set`` arguments, logging,
+and one mapping from the project's exceptions to exit codes (2: bad input or config, 1: the job failed)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+EXIT_BAD_INPUT = 2  # a config, data or model error: fix the input and run again
+EXIT_FAILED = 1  # the job ran and failed (diverged, workers kept failing)
 
 
 def docstring_parser(doc: str) -> argparse.ArgumentParser:
@@ -23,3 +30,30 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, s
         metavar="SECTION.KEY=VALUE",
         help=f"override one config value (YAML syntax), repeatable: {set_example}",
     )
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that name a bad config key, data file, model URI or storage path: exit code 2, no traceback."""
+    from cluster.s3 import StorageError
+    from pipelines.inference.loading import ModelLoadError
+    from retina.config import ConfigError
+    from retina.data.coco import DataError
+
+    return (ConfigError, DataError, ModelLoadError, StorageError, FileNotFoundError)
+
+
+def run_command(name: str, body: Callable[[], int], failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command's body: bad input → "<name>: error: ..." and exit 2; `failures` → "<name>: failed: ..." and
+    exit 1; anything else propagates with its traceback (a bug, not a user error)."""
+    try:
+        return body()
+    except bad_input_errors() as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except failures as exc:
+        print(f"{name}: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED

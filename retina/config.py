@@ -1,8 +1,14 @@
-"""Typed run configuration with the paper's defaults.
+"""Typed configuration of the library's own sections (model, data, train) with the paper's defaults, and the
+loader every layer shares.
 
-One place reads configuration: YAML files and ``--set section.key=value`` overrides are merged onto these
-dataclasses, and every key is checked against the field's type. An unknown key or a value of the wrong type
-is a ``ConfigError`` naming the dotted key, raised before anything expensive starts.
+One loader reads configuration: YAML files and ``--set section.key=value`` overrides are merged onto typed
+dataclasses, and every key is checked against the field's type. An unknown key or a value of the wrong type is a
+``ConfigError`` naming the dotted key, raised before anything expensive starts.
+
+Each layer declares the sections it reads beside the code that reads them and composes them into one typed
+config: ``pipelines.config.Config`` adds scaling, run and tracking (Ray Train, MLflow), ``tuning.config.SearchConfig``
+adds tuning (Ray Tune). A config class may define ``check()``: the loader calls it after building the object, so
+the range rules of a section live with the section.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,167 +151,90 @@ class TrainConfig:
     log_every: int = 20  # steps between loss/lr/throughput logs
     eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
     num_logged_images: int = 4  # val images drawn with predicted and true boxes into MLflow
-    # Fault-injection hooks for the tests (never set them in a real run): rank 1 (or 0 with one worker)
-    # raises at `fail_at_step` once, remembered by creating `fail_marker`; the loss turns NaN at `nan_at_step`.
-    fail_at_step: int = -1
-    fail_marker: str = ""
-    nan_at_step: int = -1
-
-
-@dataclass
-class ScalingConfig:
-    """How many Ray Train workers and what each one holds. Default: one 8-GPU node (2 images per GPU)."""
-
-    num_workers: int = 8
-    use_gpu: bool = True
-    cpus_per_worker: float = 4.0  # also the worker's torch intra-op threads on CPU
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, e.g. {"A100": 1}
-
-
-@dataclass
-class RunConfig:
-    """Where a run lives. The same name + storage_path resumes the run instead of starting over."""
-
-    name: str = "retinanet_r50_fpn_1x"
-    storage_path: str = "runs"  # local folder (relative to the working directory) or s3://bucket/prefix
-    num_to_keep: int = 2  # best checkpoints by val/AP (Ray always keeps the latest one too)
-    max_failures: int = 3  # worker failures to recover from (from the latest checkpoint)
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow. tracking_uri: this value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd."""
-
-    tracking_uri: str = ""
-    experiment: str = "retina"
-    registered_model_name: str = "retinanet"
-    alias: str = "champion"  # set on the new model version when its final val/AP >= alias_min_ap
-    alias_min_ap: float = 0.0
-
-
-@dataclass
-class SearchDimConfig:
-    """One hyperparameter of the search (ranges checked by tuning/space.py before any trial starts)."""
-
-    kind: str = "uniform"  # uniform | loguniform | choice (one of `values`) | fixed (the base config's value)
-    low: float = 0.0
-    high: float = 1.0
-    values: list[float] = field(default_factory=list)  # choice: the candidates; grid: the points, when given
-
-
-# One class per hyperparameter so that a partial override (`--set tuning.gamma.high=3`) keeps that
-# hyperparameter's own defaults: the config loader fills a section from its class's field defaults.
-@dataclass
-class GammaSearchConfig(SearchDimConfig):  # model.loss.gamma
-    high: float = 5.0
-
-
-@dataclass
-class AlphaSearchConfig(SearchDimConfig):  # model.loss.alpha
-    low: float = 0.1
-    high: float = 0.9
-
-
-@dataclass
-class PriorSearchConfig(SearchDimConfig):  # model.head.prior (π)
-    kind: str = "loguniform"
-    low: float = 1e-3
-    high: float = 0.2
-
-
-@dataclass
-class LrSearchConfig(SearchDimConfig):  # train.base_lr; not searched unless its kind is set
-    kind: str = "fixed"
-    low: float = 1e-3
-    high: float = 0.05
-
-
-@dataclass
-class TuningConfig:
-    """Ray Tune search over the focal-loss hyperparameters (tuning/search.py); trials maximise val/AP."""
-
-    name: str = ""  # Tune experiment name; "" = <run.name>_search. The same name + storage_path resumes
-    storage_path: str = ""  # "" = run.storage_path
-    num_samples: int = 8
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
-    search_alg: str = "tpe"  # tpe (Optuna, seeded) | random (Optuna, seeded) | grid
-    scheduler: str = "asha"  # asha (stops weak trials early, by epoch) | none
-    seed: int = 0
-    tpe_startup_trials: int = 5  # random suggestions before TPE models the results
-    grid_points: int = 3  # grid: evenly spaced points per searched range (log-spaced for loguniform)
-    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: int = 2  # ASHA: keeps the best 1/reduction_factor at each rung
-    driver_cpus: float = 0.25  # the trial's own process (it only drives a TorchTrainer)
-    max_failures: int = 0  # Tune-level retries of a failed trial (worker failures: run.max_failures)
-    gamma: GammaSearchConfig = field(default_factory=GammaSearchConfig)
-    alpha: AlphaSearchConfig = field(default_factory=AlphaSearchConfig)
-    prior: PriorSearchConfig = field(default_factory=PriorSearchConfig)
-    lr: LrSearchConfig = field(default_factory=LrSearchConfig)
-    # Fault-injection hook for the tests (never set it in a real run): these trials (0-based creation order)
-    # get train.nan_at_step=0, so their loss turns NaN at the first step.
-    nan_trials: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    tuning: TuningConfig = field(default_factory=TuningConfig)
 
 
 # ------------------------------------------------------------------------------------------------ loading
 
 
+def _check_union(value: Any, tp: Any, key: str) -> Any:
+    # The first member that accepts the value wins; the error names the whole union, not one member.
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _check_type(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+
+
+def _check_list(value: Any, tp: Any, key: str) -> list[Any]:
+    (item_tp,) = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _check_dict(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+    return {_check_type(k, key_tp, key): _check_type(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+
+
+def _check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    return value
+
+
+def _check_int(value: Any, key: str) -> int:
+    # bool is an int subclass, but `true` for a count is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _check_float(value: Any, key: str) -> float:
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and users read a number
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _check_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+# Matched by identity (`tp is bool`), in this order, like the field annotations they check.
+_SCALAR_CHECKS: tuple[tuple[type, Any], ...] = (
+    (bool, _check_bool),
+    (int, _check_int),
+    (float, _check_float),
+    (str, _check_str),
+)
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return `value` coerced to `tp` (int → float allowed), or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+        return _check_union(value, tp, key)
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _check_list(value, tp, key)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
-        return {_check_type(k, key_tp, key): _check_type(v, value_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 and users read a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        return _check_dict(value, tp, key)
+    for scalar, check in _SCALAR_CHECKS:
+        if tp is scalar:
+            return check(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
@@ -358,36 +288,52 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = (), cls: type = Config) -> Any:
-    """Build a typed config from a plain mapping plus dotted overrides; validate it."""
+def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), *, cls: type) -> Any:
+    """Build a typed config of class `cls` from a plain mapping plus dotted overrides; run its ``check()``."""
     merged = dict(data or {})
     for text in overrides:
         path, value = parse_override(text)
         merged = _merge(merged, _nest(path, value))
     cfg = _from_dict(cls, merged)
-    validate(cfg)
+    if hasattr(cfg, "check"):
+        cfg.check()
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = Config) -> Any:
-    """Load a YAML config file (or the defaults when `path` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; ConfigError naming the file when it cannot be read."""
     try:
-        return config_from_dict(data, overrides, cls)
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, cls: type) -> Any:
+    """Load a YAML config file (or the defaults when `path` is None) as `cls` and apply overrides."""
+    data = read_yaml(path) if path is not None else {}
+    try:
+        return config_from_dict(data, overrides, cls=cls)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """Only the ``model`` section of a run config (for code that builds a model without Ray or MLflow).
+
+    `overrides` are dotted keys inside the model section (``head.prior=0.5``)."""
+    section = read_yaml(path).get("model") or {}
+    try:
+        return config_from_dict(section, overrides, cls=ModelConfig)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: model.{exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -411,122 +357,92 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """The one form of a range rule: ConfigError('<dotted key>: <message>') unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
+# The focal-loss hyperparameters' ranges, shared by the model's checks and the search space's (tuning/space.py).
+def check_gamma(value: float, key: str) -> None:
+    require(math.isfinite(value) and value >= 0, key, f"γ must be >= 0, got {value}")
+
+
+def check_alpha(value: float, key: str, *, allow_disabled: bool = True) -> None:
+    require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
+    if allow_disabled:
+        require(value <= 1, key, f"α must be in [0, 1] (or < 0 to disable), got {value}")
+    else:
+        require(0 <= value <= 1, key, f"α must be in [0, 1] (a choice value < 0 disables α-weighting), got {value}")
+
+
+def check_prior(value: float, key: str) -> None:
+    require(0 < value < 1, key, f"π must be in (0, 1), got {value}")
+
+
+def check_lr(value: float, key: str) -> None:
+    require(math.isfinite(value) and value > 0, key, f"the learning rate must be a finite number > 0, got {value}")
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     b = m.backbone
-    _require(m.num_classes >= 1, f"{prefix}.num_classes", "must be >= 1")
-    _require(b.name in _BACKBONES, f"{prefix}.backbone.name", f"must be one of {_BACKBONES}")
-    _require(b.norm in ("frozen_bn", "bn", "gn"), f"{prefix}.backbone.norm", "must be frozen_bn, bn or gn")
-    _require(b.width >= 8, f"{prefix}.backbone.width", "must be >= 8")
-    _require(b.width == 64 or b.name != "resnext101_32x8d", f"{prefix}.backbone.width", "must be 64 for resnext")
-    _require(b.norm != "gn" or b.width % 32 == 0, f"{prefix}.backbone.width", "must be a multiple of 32 with gn")
-    _require(0 <= b.trainable_layers <= 5, f"{prefix}.backbone.trainable_layers", "must be in 0..5")
-    _require(b.fpn_channels >= 1, f"{prefix}.backbone.fpn_channels", "must be >= 1")
-    _require(b.p6_input in ("c5", "p5"), f"{prefix}.backbone.p6_input", "must be c5 or p5")
+    require(m.num_classes >= 1, f"{prefix}.num_classes", "must be >= 1")
+    require(b.name in _BACKBONES, f"{prefix}.backbone.name", f"must be one of {_BACKBONES}")
+    require(b.norm in ("frozen_bn", "bn", "gn"), f"{prefix}.backbone.norm", "must be frozen_bn, bn or gn")
+    require(b.width >= 8, f"{prefix}.backbone.width", "must be >= 8")
+    require(b.width == 64 or b.name != "resnext101_32x8d", f"{prefix}.backbone.width", "must be 64 for resnext")
+    require(b.norm != "gn" or b.width % 32 == 0, f"{prefix}.backbone.width", "must be a multiple of 32 with gn")
+    require(0 <= b.trainable_layers <= 5, f"{prefix}.backbone.trainable_layers", "must be in 0..5")
+    require(b.fpn_channels >= 1, f"{prefix}.backbone.fpn_channels", "must be >= 1")
+    require(b.p6_input in ("c5", "p5"), f"{prefix}.backbone.p6_input", "must be c5 or p5")
     a = m.anchors
-    _require(len(a.sizes) == 5, f"{prefix}.anchors.sizes", "needs one base size per level P3..P7 (5)")
-    _require(all(s > 0 for s in a.sizes + a.scales + a.aspect_ratios), f"{prefix}.anchors", "must be > 0")
+    require(len(a.sizes) == 5, f"{prefix}.anchors.sizes", "needs one base size per level P3..P7 (5)")
+    require(all(s > 0 for s in a.sizes + a.scales + a.aspect_ratios), f"{prefix}.anchors", "must be > 0")
     mt = m.matcher
-    _require(0 < mt.bg_iou <= mt.fg_iou <= 1, f"{prefix}.matcher", "needs 0 < bg_iou <= fg_iou <= 1")
+    require(0 < mt.bg_iou <= mt.fg_iou <= 1, f"{prefix}.matcher", "needs 0 < bg_iou <= fg_iou <= 1")
     h = m.head
-    _require(0 < h.prior < 1, f"{prefix}.head.prior", "π must be in (0, 1)")
-    _require(h.norm in ("none", "gn"), f"{prefix}.head.norm", "must be none or gn")
-    _require(h.num_convs >= 0, f"{prefix}.head.num_convs", "must be >= 0")
+    check_prior(h.prior, f"{prefix}.head.prior")
+    require(h.norm in ("none", "gn"), f"{prefix}.head.norm", "must be none or gn")
+    require(h.num_convs >= 0, f"{prefix}.head.num_convs", "must be >= 0")
     lo = m.loss
-    _require(lo.gamma >= 0 and math.isfinite(lo.gamma), f"{prefix}.loss.gamma", "γ must be >= 0")
-    _require(lo.alpha < 0 or lo.alpha <= 1, f"{prefix}.loss.alpha", "α must be in [0, 1] (or < 0 to disable)")
-    _require(lo.box_loss in ("l1", "smooth_l1", "giou"), f"{prefix}.loss.box_loss", "must be l1, smooth_l1, giou")
-    _require(lo.smooth_l1_beta >= 0, f"{prefix}.loss.smooth_l1_beta", "must be >= 0")
+    check_gamma(lo.gamma, f"{prefix}.loss.gamma")
+    check_alpha(lo.alpha, f"{prefix}.loss.alpha")
+    require(lo.box_loss in ("l1", "smooth_l1", "giou"), f"{prefix}.loss.box_loss", "must be l1, smooth_l1, giou")
+    require(lo.smooth_l1_beta >= 0, f"{prefix}.loss.smooth_l1_beta", "must be >= 0")
     p = m.postprocess
-    _require(0 <= p.score_thresh < 1, f"{prefix}.postprocess.score_thresh", "must be in [0, 1)")
-    _require(p.topk_candidates >= 1, f"{prefix}.postprocess.topk_candidates", "must be >= 1")
-    _require(p.detections_per_img >= 1, f"{prefix}.postprocess.detections_per_img", "must be >= 1")
+    require(0 <= p.score_thresh < 1, f"{prefix}.postprocess.score_thresh", "must be in [0, 1)")
+    require(p.topk_candidates >= 1, f"{prefix}.postprocess.topk_candidates", "must be >= 1")
+    require(p.detections_per_img >= 1, f"{prefix}.postprocess.detections_per_img", "must be >= 1")
     i = m.input
-    _require(0 < i.min_size <= i.max_size, f"{prefix}.input", "needs 0 < min_size <= max_size")
-    _require(i.size_divisible >= 1, f"{prefix}.input.size_divisible", "must be >= 1")
-    _require(len(i.image_mean) == 3 and len(i.image_std) == 3, f"{prefix}.input", "mean/std need 3 values")
-    _require(all(s > 0 for s in i.image_std), f"{prefix}.input.image_std", "must be > 0")
+    require(0 < i.min_size <= i.max_size, f"{prefix}.input", "needs 0 < min_size <= max_size")
+    require(i.size_divisible >= 1, f"{prefix}.input.size_divisible", "must be >= 1")
+    require(len(i.image_mean) == 3 and len(i.image_std) == 3, f"{prefix}.input", "mean/std need 3 values")
+    require(all(s > 0 for s in i.image_std), f"{prefix}.input.image_std", "must be > 0")
 
 
-def validate(cfg: Any) -> None:
-    """Range checks that types alone cannot express. Sections added later extend this."""
-    if isinstance(cfg, ModelConfig):
-        validate_model(cfg)
-        return
-    if hasattr(cfg, "model"):
-        validate_model(cfg.model)
-    if hasattr(cfg, "data"):
-        d = cfg.data
-        _require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
-        _require(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size", "must be >= 1")
-        _require(all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes", "must be > 0")
-        _require(d.synthetic_images >= 0, "data.synthetic_images", "must be >= 0")
-        _require(d.synthetic_val_images >= 0, "data.synthetic_val_images", "must be >= 0")
-        _require(d.shuffle in ("rows", "files"), "data.shuffle", "must be rows or files")
-    if hasattr(cfg, "train"):
-        validate_train(cfg.train)
-    if hasattr(cfg, "scaling"):
-        s = cfg.scaling
-        _require(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        _require(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
-        _require(all(v >= 0 for v in s.resources_per_worker.values()), "scaling.resources_per_worker", "must be >= 0")
-        _require(
-            not {"CPU", "GPU"} & set(s.resources_per_worker),
-            "scaling.resources_per_worker",
-            "CPU/GPU come from scaling.cpus_per_worker / scaling.use_gpu",
-        )
-    if hasattr(cfg, "scaling") and hasattr(cfg, "data"):
-        _require(
-            cfg.data.batch_size % cfg.scaling.num_workers == 0,
-            "data.batch_size",
-            f"{cfg.data.batch_size} images per step do not split evenly over scaling.num_workers="
-            f"{cfg.scaling.num_workers}",
-        )
-    if hasattr(cfg, "scaling") and hasattr(cfg, "train"):
-        _require(
-            cfg.train.amp != "fp16" or cfg.scaling.use_gpu,
-            "train.amp",
-            "fp16 needs scaling.use_gpu=true (use bf16 or none on CPU)",
-        )
-    if hasattr(cfg, "run"):
-        r = cfg.run
-        _require(bool(_RUN_NAME.fullmatch(r.name)), "run.name", "must be 1-128 characters of [A-Za-z0-9_.-]")
-        _require(bool(r.storage_path), "run.storage_path", "must not be empty")
-        _require(r.num_to_keep >= 1, "run.num_to_keep", "must be >= 1")
-        _require(r.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1: retry forever)")
-    if hasattr(cfg, "tracking"):
-        t = cfg.tracking
-        _require(bool(t.experiment), "tracking.experiment", "must not be empty")
-        _require(bool(t.registered_model_name), "tracking.registered_model_name", "must not be empty")
-        # MLflow rejects aliases that look like versions ("v3") and the reserved "latest".
-        ok_alias = t.alias == "" or (_ALIAS.fullmatch(t.alias) and t.alias.lower() != "latest")
-        _require(bool(ok_alias), "tracking.alias", "must be empty or a name like 'champion' (not 'latest', not v<N>)")
-        _require(0 <= t.alias_min_ap <= 1, "tracking.alias_min_ap", "must be in [0, 1]")
-
-
-_RUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_ALIAS = re.compile(r"(?![vV]\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}")
+def validate_data(d: DataConfig) -> None:
+    require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
+    require(d.batch_size >= 1 and d.val_batch_size >= 1, "data.batch_size", "must be >= 1")
+    require(all(s > 0 for s in d.train_min_sizes), "data.train_min_sizes", "must be > 0")
+    require(d.synthetic_images >= 0, "data.synthetic_images", "must be >= 0")
+    require(d.synthetic_val_images >= 0, "data.synthetic_val_images", "must be >= 0")
+    require(d.shuffle in ("rows", "files"), "data.shuffle", "must be rows or files")
 
 
 def validate_train(t: TrainConfig) -> None:
-    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _require(t.base_lr > 0 and math.isfinite(t.base_lr), "train.base_lr", "must be a finite number > 0")
-    _require(t.base_batch_size >= 1, "train.base_batch_size", "must be >= 1")
-    _require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
-    _require(t.optimizer in ("sgd", "adamw"), "train.optimizer", "must be sgd or adamw")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
-    _require(0 < t.warmup_factor <= 1, "train.warmup_factor", "must be in (0, 1]")
-    _require(t.lr_steps == sorted(t.lr_steps), "train.lr_steps", "must be increasing")
-    _require(all(s >= 1 for s in t.lr_steps), "train.lr_steps", "must be >= 1 (iterations)")
-    _require(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(t.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
-    _require(t.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")
-    _require(t.fail_at_step < 0 or bool(t.fail_marker), "train.fail_marker", "is required with train.fail_at_step")
+    require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    check_lr(t.base_lr, "train.base_lr")
+    require(t.base_batch_size >= 1, "train.base_batch_size", "must be >= 1")
+    require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    require(t.optimizer in ("sgd", "adamw"), "train.optimizer", "must be sgd or adamw")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+    require(0 < t.warmup_factor <= 1, "train.warmup_factor", "must be in (0, 1]")
+    require(t.lr_steps == sorted(t.lr_steps), "train.lr_steps", "must be increasing")
+    require(all(s >= 1 for s in t.lr_steps), "train.lr_steps", "must be >= 1 (iterations)")
+    require(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+    require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(t.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
+    require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
+    require(t.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")

@@ -20,10 +20,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
+from pipelines.names import CHAMPION_TAG_PREFIX, TRIAL_FINISHED_KEY, VERSION_VAL_AP_TAG
 from tuning.space import METRIC, Dimension
-from tuning.trial import FINISHED_KEY
-
-VAL_AP_TAG = "val_AP"  # model-version tag written by pipelines.model_logging.log_and_register
 
 
 @dataclass
@@ -43,7 +41,7 @@ def _status(trial: Any) -> str:
         return "failed"
     if trial.status == "TERMINATED":
         # only a trial that ran to its end reports FINISHED_KEY (Tune sets done=True for stopped trials too)
-        return "completed" if FINISHED_KEY in (trial.last_result or {}) else "stopped"
+        return "completed" if TRIAL_FINISHED_KEY in (trial.last_result or {}) else "stopped"
     return str(trial.status).lower()
 
 
@@ -168,13 +166,13 @@ class ChampionDecision:
     def tags(self) -> dict[str, str]:
         """The decision as parent-run tags (the comparison stays on record next to the search)."""
         return {
-            "retina.champion.alias": self.alias,
-            "retina.champion.candidate_version": self.candidate_version,
-            "retina.champion.candidate_val_AP": f"{self.candidate_ap:.4f}",
-            "retina.champion.previous_version": self.previous_version or "none",
-            "retina.champion.previous_val_AP": "none" if self.previous_ap is None else f"{self.previous_ap:.4f}",
-            "retina.champion.moved": str(self.moved).lower(),
-            "retina.champion.reason": self.reason,
+            CHAMPION_TAG_PREFIX + "alias": self.alias,
+            CHAMPION_TAG_PREFIX + "candidate_version": self.candidate_version,
+            CHAMPION_TAG_PREFIX + "candidate_val_AP": f"{self.candidate_ap:.4f}",
+            CHAMPION_TAG_PREFIX + "previous_version": self.previous_version or "none",
+            CHAMPION_TAG_PREFIX + "previous_val_AP": "none" if self.previous_ap is None else f"{self.previous_ap:.4f}",
+            CHAMPION_TAG_PREFIX + "moved": str(self.moved).lower(),
+            CHAMPION_TAG_PREFIX + "reason": self.reason,
         }
 
     def summary(self) -> str:
@@ -199,8 +197,8 @@ def promote_if_better(
     if current is not None and str(current.version) == str(version):
         return ChampionDecision(alias, version, val_ap, current.version, val_ap, False, "already the champion")
     previous_ap = None
-    if current is not None and VAL_AP_TAG in (current.tags or {}):
-        previous_ap = float(current.tags[VAL_AP_TAG])
+    if current is not None and VERSION_VAL_AP_TAG in (current.tags or {}):
+        previous_ap = float(current.tags[VERSION_VAL_AP_TAG])
     candidate = round(val_ap, 4)
     prev_version = str(current.version) if current is not None else None
     if candidate < min_ap:
@@ -208,7 +206,10 @@ def promote_if_better(
     elif current is None:
         moved, reason = True, f"no '{alias}' yet; val/AP {candidate:.4f}"
     elif previous_ap is None:
-        moved, reason = False, f"the current champion (version {prev_version}) has no {VAL_AP_TAG} tag to compare"
+        moved, reason = (
+            False,
+            f"the current champion (version {prev_version}) has no {VERSION_VAL_AP_TAG} tag to compare",
+        )
     elif candidate > previous_ap:
         moved, reason = True, f"val/AP {candidate:.4f} > champion's {previous_ap:.4f} (version {prev_version})"
     else:

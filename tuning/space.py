@@ -5,16 +5,13 @@ Four hyperparameters can be searched; each maps onto one key of the training con
     gamma → model.loss.gamma (γ)   alpha → model.loss.alpha (α)   prior → model.head.prior (π)   lr → train.base_lr
 
 A dimension is ``uniform``/``loguniform`` over [low, high], a ``choice`` of values, or ``fixed`` (not searched:
-the base config's value). Every range is checked against what the model accepts (γ ≥ 0, α in [0, 1] or < 0 to
-disable α-weighting, π in (0, 1), lr > 0) before any trial starts, so a typo fails in a second instead of as a
-sweep of crashed trials.
+the base config's value). The ranges are checked when the config loads (`tuning.config.validate_tuning`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +20,12 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from retina.config import Config, ConfigError, SearchDimConfig, TuningConfig, config_from_dict, to_dict
+from pipelines.config import Config
+from pipelines.names import VAL_AP
+from tuning.config import SearchDimConfig, TuningConfig
 
-METRIC = "val/AP"
+METRIC = VAL_AP  # what every trial maximises
 MODE = "max"
-SEARCH_ALGS = ("tpe", "random", "grid")
-SCHEDULERS = ("asha", "none")
-KINDS = ("uniform", "loguniform", "choice", "fixed")
 
 
 @dataclass(frozen=True)
@@ -45,82 +41,11 @@ DIMENSIONS = (
     Dimension("prior", ("model", "head", "prior"), True),
     Dimension("lr", ("train", "base_lr"), True),
 )
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 def searched(t: TuningConfig) -> list[Dimension]:
     """The dimensions that vary between trials, in table order."""
     return [d for d in DIMENSIONS if getattr(t, d.name).kind != "fixed"]
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-
-def _check_value(dim: str, key: str, v: float, *, allow_disabled: bool = False) -> None:
-    """Raise ConfigError naming `key` when `v` is outside what the model accepts for `dim`."""
-    if not math.isfinite(v):
-        raise ConfigError(f"{key}: must be a finite number, got {v!r}")
-    if dim == "gamma" and v < 0:
-        raise ConfigError(f"{key}: γ must be >= 0, got {v}")
-    if dim == "alpha" and (v > 1 or (v < 0 and not allow_disabled)):
-        raise ConfigError(f"{key}: α must be in [0, 1] (a choice value < 0 disables α-weighting), got {v}")
-    if dim == "prior" and not 0 < v < 1:
-        raise ConfigError(f"{key}: π must be in (0, 1), got {v}")
-    if dim == "lr" and v <= 0:
-        raise ConfigError(f"{key}: the learning rate must be > 0, got {v}")
-
-
-def _check_dimension(name: str, d: SearchDimConfig, grid: bool) -> None:
-    key = f"tuning.{name}"
-    if d.kind not in KINDS:
-        raise ConfigError(f"{key}.kind: must be one of {', '.join(KINDS)}, got {d.kind!r}")
-    if d.kind == "fixed":
-        return
-    if d.kind == "choice" and not d.values:
-        raise ConfigError(f"{key}.values: a choice needs at least one value")
-    for i, v in enumerate(d.values):
-        # Only a choice can switch α-weighting off: a range through negative values would mix both regimes.
-        _check_value(name, f"{key}.values[{i}]", v, allow_disabled=d.kind == "choice")
-    if d.kind in ("uniform", "loguniform") and not (grid and d.values):
-        _check_value(name, f"{key}.low", d.low)
-        _check_value(name, f"{key}.high", d.high)
-        if not d.low < d.high:
-            raise ConfigError(f"{key}: needs low < high, got low={d.low}, high={d.high}")
-        if d.kind == "loguniform" and d.low <= 0:
-            raise ConfigError(f"{key}.low: a loguniform range needs low > 0, got {d.low}")
-
-
-def validate_tuning(cfg: Config) -> None:
-    """Every tuning.* setting and every range of the space; ConfigError naming the key. Runs before Ray starts."""
-    t = cfg.tuning
-    if t.name and not _NAME.fullmatch(t.name):
-        raise ConfigError("tuning.name: must be 1-100 characters of [A-Za-z0-9_.-]")
-    if t.num_samples < 1:
-        raise ConfigError(f"tuning.num_samples: must be >= 1, got {t.num_samples}")
-    if t.max_concurrent_trials < 0:
-        raise ConfigError("tuning.max_concurrent_trials: must be >= 0 (0: as many as the cluster fits)")
-    if t.search_alg not in SEARCH_ALGS:
-        raise ConfigError(f"tuning.search_alg: must be one of {', '.join(SEARCH_ALGS)}, got {t.search_alg!r}")
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tuning.scheduler: must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
-    if t.tpe_startup_trials < 0:
-        raise ConfigError("tuning.tpe_startup_trials: must be >= 0")
-    if t.grid_points < 1:
-        raise ConfigError("tuning.grid_points: must be >= 1")
-    if t.grace_period < 1:
-        raise ConfigError("tuning.grace_period: must be >= 1 (epochs)")
-    if t.reduction_factor < 2:
-        raise ConfigError("tuning.reduction_factor: must be >= 2")
-    if t.driver_cpus <= 0:
-        raise ConfigError("tuning.driver_cpus: must be > 0 (a Tune trial needs some resource to be scheduled)")
-    if t.max_failures < -1:
-        raise ConfigError("tuning.max_failures: must be >= 0 (or -1: retry forever)")
-    if any(i < 0 for i in t.nan_trials):
-        raise ConfigError("tuning.nan_trials: trial indices must be >= 0")
-    for d in DIMENSIONS:
-        _check_dimension(d.name, getattr(t, d.name), grid=t.search_alg == "grid")
-    if not searched(t):
-        raise ConfigError("tuning: every dimension (gamma, alpha, prior, lr) is fixed; nothing to search")
 
 
 # ------------------------------------------------------------------------------------------------ spaces
@@ -180,12 +105,13 @@ def build_searcher(t: TuningConfig) -> Searcher | None:
 
 
 def apply_hyperparameters(base: Config, params: dict[str, Any]) -> Config:
-    """The training config of one trial: `base` with the trial's γ, α, π (, lr) in place, re-validated."""
-    data = copy.deepcopy(to_dict(base))
+    """The training config of one trial: `base` with the trial's γ, α, π (, lr) in place, checked once."""
+    cfg = copy.deepcopy(base)
     for d in DIMENSIONS:
         if d.name in params:
-            section = data
+            section = cfg
             for part in d.target[:-1]:
-                section = section[part]
-            section[d.target[-1]] = float(params[d.name])
-    return config_from_dict(data)
+                section = getattr(section, part)
+            setattr(section, d.target[-1], float(params[d.name]))
+    Config.check(cfg)  # the training sections' rules (a SearchConfig's tuning section was checked at load)
+    return cfg

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from cluster import s3
-from pipelines.data import MANIFEST
-from pipelines.prepare_data import prepare
+from pipelines.data.prepare import prepare
+from pipelines.data.shards import MANIFEST
 from retina.config import DataConfig
 from retina.data import synthetic
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from pipelines.evaluation_loop import VisualSample  # noqa: E402
+if TYPE_CHECKING:
+    from pipelines.training.evaluation import VisualSample
 
 
 def detections_figure(sample: VisualSample, names: Sequence[str]) -> Figure:

@@ -1,11 +1,9 @@
-"""Prepared shards (local or s3://) → Ray Datasets of model-ready samples, the label map and the COCO GT.
+"""Prepared shards (local or s3://) → lazily executed Ray Datasets of model-ready samples, and the collate function.
 
-How a Ray Train worker consumes it::
+How training consumes it::
 
-    train_ds = build_dataset(cfg.data.train_shards, train=True, min_sizes=[...], max_size=..., seed=cfg_seed)
-    val_ds = build_dataset(cfg.data.val_shards, train=False, min_sizes=[min_size], max_size=...)
-    trainer = TorchTrainer(..., datasets={"train": train_ds, "val": val_ds},
-                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    train_ds, val_ds = datasets_from_config(cfg)
+    trainer = TorchTrainer(..., datasets={"train": train_ds, "val": val_ds}, ...)
     # in the worker loop:
     collate = make_collate_fn(model_cfg.input)   # the batch contract of retina.data.collate
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=b, collate_fn=collate): ...
@@ -25,72 +23,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import random as random_expr
 
-from cluster import s3
-from retina.data.coco import DataError, LabelMap, coco_gt_from_rows
+from pipelines.data.shards import read_shards
+from retina.data.coco import DataError
 from retina.data.collate import BatchCollator
 from retina.data.transforms import EvalTransform, TrainAugment, decode_image
 
-MANIFEST = "manifest.json"
 # Rows per train decode task, in batches. Per-task overhead (scheduling, one object-store block per task output,
 # the executor's bookkeeping) is paid per block: 8-row tasks ran at 85-90 img/s and 64-row tasks at 110-130 img/s
 # on the data benchmark (2 CPUs, 1200 images at 512 px). With shuffle="files" it is also the permutation window.
 TRAIN_TASK_BATCHES = 8
-META_COLUMNS = ["image_id", "file_name", "height", "width", "boxes", "labels", "crowd_boxes", "crowd_labels"]
-
-
-# ------------------------------------------------------------------------------------------------ manifest
-
-
-def load_manifest(location: str, settings: s3.S3Settings | None = None) -> dict[str, Any]:
-    """The manifest of a prepared shard folder; DataError naming the path when it is missing or malformed."""
-    path = s3.join(location, MANIFEST)
-    try:
-        import json
-
-        manifest = json.loads(s3.read_bytes(path, settings))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no manifest; run pipelines/prepare_data.py for this folder first") from None
-    except ValueError as exc:
-        raise DataError(f"{path}: malformed manifest: {exc}") from None
-    if not manifest.get("shards"):
-        raise DataError(f"{path}: the manifest lists no shards")
-    return manifest
-
-
-def label_map(manifest: dict[str, Any]) -> LabelMap:
-    """Contiguous label ↔ COCO category id, from the manifest's categories."""
-    return LabelMap.from_json(manifest["categories"])
-
-
-def shard_paths(location: str, manifest: dict[str, Any]) -> list[str]:
-    """Full paths of the shards this run wrote (never any other file in the folder)."""
-    return [s3.join(location, s["path"]) for s in manifest["shards"]]
-
-
-def _settings_for(location: str) -> s3.S3Settings | None:
-    return s3.S3Settings.from_env() if s3.is_s3(location) else None
-
-
-def read_shards(location: str, columns: Sequence[str] | None = None, **read_kwargs: Any) -> ray.data.Dataset:
-    """The listed shards as a Ray Dataset of raw shard rows (image bytes unless `columns` leaves them out)."""
-    settings = _settings_for(location)
-    manifest = load_manifest(location, settings)
-    fs, _ = s3.arrow_filesystem(location, settings)
-    paths = [s3.arrow_filesystem(p, settings)[1] for p in shard_paths(location, manifest)]
-    # Ray 2.60's default (V2) Parquet reader lists the files again at every execution (a ListFiles stage, then
-    # ReadFiles): ~2 s more per epoch than the V1 reader on the benchmark, which resolves the explicit shard
-    # list once (the manifest already names every file, so there is nothing to list).
-    ctx = ray.data.DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None, **read_kwargs)
-    finally:
-        ctx.use_datasource_v2 = previous
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -208,20 +153,19 @@ def build_dataset(
     )
 
 
-def datasets_from_config(cfg: Any, seed: int | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset, LabelMap]:
-    """(train, val, label map) from a `retina.config.Config`: data.* locations, shuffle and batch sizes, and
-    model.input sizes."""
+def datasets_from_config(cfg: Any) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, val) Datasets of a run config: the one builder that training, search trials, the tests and the data
+    benchmark share. Reads data.* (locations, shuffle, batch sizes), model.input (sizes) and train.seed."""
     inp = cfg.model.input
-    min_sizes = list(cfg.data.train_min_sizes) or [inp.min_size]
     train = build_dataset(
         cfg.data.train_shards,
         train=True,
-        min_sizes=min_sizes,
+        min_sizes=list(cfg.data.train_min_sizes) or [inp.min_size],
         max_size=inp.max_size,
         flip_prob=cfg.data.flip_prob,
-        seed=cfg.data.synthetic_seed if seed is None else seed,
+        seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
-        batch_size=cfg.data.batch_size,  # map task size: one global batch of images per decode task
+        batch_size=cfg.data.batch_size,  # decode tasks of TRAIN_TASK_BATCHES global batches
     )
     val = build_dataset(
         cfg.data.val_shards,
@@ -230,7 +174,7 @@ def datasets_from_config(cfg: Any, seed: int | None = None) -> tuple[ray.data.Da
         max_size=inp.max_size,
         batch_size=cfg.data.val_batch_size,
     )
-    return train, val, label_map(load_manifest(cfg.data.train_shards, _settings_for(cfg.data.train_shards)))
+    return train, val
 
 
 class RayCollateFn(NumpyBatchCollateFn):
@@ -249,23 +193,3 @@ def make_collate_fn(input_cfg: Any | None = None) -> RayCollateFn:
     return RayCollateFn(BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator())
 
 
-# ------------------------------------------------------------------------------------------------ evaluation GT
-
-
-def coco_gt_from_shards(location: str) -> dict[str, Any]:
-    """COCO ground truth (images, annotations incl. iscrowd, original category ids) for pycocotools.
-
-    Reads only the small columns, directly with pyarrow on the driver (no image bytes, no Ray tasks).
-    """
-    settings = _settings_for(location)
-    manifest = load_manifest(location, settings)
-    rows: list[dict[str, Any]] = []
-    for path in shard_paths(location, manifest):
-        fs, inner = s3.arrow_filesystem(path, settings)
-        try:
-            with fs.open_input_file(inner) as f:
-                table = pq.read_table(f, columns=META_COLUMNS)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read shard: {exc}") from None
-        rows.extend(table.to_pylist())
-    return coco_gt_from_rows(rows, label_map(manifest))

@@ -9,14 +9,16 @@ A checkpoint is never written with non-finite weights: `save_checkpoint` checks 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from retina.model import RetinaNet
 
 STATE_FILE = "state.pt"
 FORMAT = "retina-checkpoint/1"
@@ -90,6 +92,18 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     )
 
 
-def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Only finite numbers (what MLflow and checkpoint scores can hold)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+def model_from_state(state: TrainState) -> RetinaNet:
+    """The trained detector of a checkpoint, rebuilt from the checkpoint's own config: the one checkpoint → model
+    path (training's registration, the search's, inference). Errors name what does not fit."""
+    from retina.config import ModelConfig, config_from_dict
+    from retina.model import build_retinanet
+
+    model_cfg = config_from_dict(state.config.get("model", {}), cls=ModelConfig)
+    # The weights come from the checkpoint: never read the backbone's ImageNet file (it may not exist here).
+    model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, weights=None))
+    model = build_retinanet(model_cfg)
+    try:
+        model.load_state_dict(state.model)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint at step {state.step}: weights do not fit its config: {exc}") from None
+    return model

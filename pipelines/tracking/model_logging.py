@@ -22,6 +22,7 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 import retina
+from pipelines.names import VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
 from retina.model import RetinaNet
 
 
@@ -87,11 +88,11 @@ def log_and_register(
             )
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)
-    client.set_model_version_tag(registered_model_name, version, "val_AP", f"{val_ap:.4f}")
-    client.set_model_version_tag(registered_model_name, version, "mlflow_run_id", run_id)
+    client.set_model_version_tag(registered_model_name, version, VERSION_VAL_AP_TAG, f"{val_ap:.4f}")
+    client.set_model_version_tag(registered_model_name, version, VERSION_RUN_ID_TAG, run_id)
     alias_set = bool(alias) and val_ap >= alias_min_ap
     if alias_set:
-        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing (F8)
+        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing
         client.set_registered_model_alias(registered_model_name, alias, version)
     return LoggedModel(
         model_uri=info.model_uri,

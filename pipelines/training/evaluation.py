@@ -1,7 +1,7 @@
 """Distributed evaluation inside the Ray Train workers: every rank predicts its part of the val split, rank 0
 gathers the predictions and runs pycocotools' COCOeval (crowd regions honoured) → ``val/AP`` ... ``val/APl``.
 
-Unequal val parts (C8) cannot hang: inference runs on the bare model (no DDP collectives per batch), and the
+Unequal val parts cannot hang: inference runs on the bare model (no DDP collectives per batch), and the
 only collective is one `gather_object` per evaluation, which every rank reaches after its own last batch.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pipelines.training.distributed import gather_objects_to_rank0
 from retina.evaluation import CocoEvalResult, coco_evaluate, detections_to_coco
 from retina.model import RetinaNet
 
@@ -108,13 +108,7 @@ def evaluate(
                 samples.append(_visual_sample(batch, i, det, model))
     model.train(was_training)
 
-    local = (image_ids, predictions)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank = dist.get_rank()
-        gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object(local, gathered, dst=0)
-    else:
-        rank, gathered = 0, [local]
+    rank, gathered = gather_objects_to_rank0((image_ids, predictions))
     if rank != 0:
         return EvalResult(coco=None, num_images=0, num_detections=0)
 

@@ -1,4 +1,4 @@
-"""MLflow helpers: where the tracking store is, one run per training run, and rank-0-only logging.
+"""The MLflow store: where it is, one run per training run (found again on resume), and a run's final status.
 
 One training run = one MLflow run, also across worker restarts (FailureConfig) and re-runs of the same command
 (resume): the driver looks the run up by a ``retina.run_key`` tag (storage path + run name, the same key Ray
@@ -13,22 +13,22 @@ one step (MLflow cannot delete metric points); the logged value at such a step i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipelines.names import ERROR_TAG, RUN_KEY_TAG
+
 logger = logging.getLogger("retina.tracking")
 
-RUN_KEY_TAG = "retina.run_key"
 DEFAULT_STORE = "mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -94,49 +94,39 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
-class RunLogger:
-    """Logs into an existing run from a Ray worker; a no-op unless `enabled` (rank 0)."""
+class RunOutcome:
+    """What `tracked_run` will set when its block ends without an exception (the block may change it)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
-        self.run_id = run_id
-        self.enabled = enabled and bool(run_id)
-        self._client = MlflowClient(tracking_uri) if self.enabled else None
-        self._last_step: dict[str, int] = {}
+    def __init__(self) -> None:
+        self.status = "FINISHED"
+        self.tags: dict[str, str] = {}  # set with the final status
 
-    def _high_water(self, key: str) -> int:
-        if key not in self._last_step:
-            history = self._client.get_metric_history(self.run_id, key)
-            self._last_step[key] = max((m.step for m in history), default=-1)
-        return self._last_step[key]
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Finite metrics only (NaN/inf are dropped, not sent); a (key, step) already logged is skipped."""
-        if not self.enabled:
-            return
-        now = int(time.time() * 1000)
-        batch = []
-        for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or step <= self._high_water(key):
-                continue
-            batch.append(Metric(key, float(value), now, int(step)))
-            self._last_step[key] = int(step)
-        log_metric_batch(self._client, self.run_id, batch)
+@contextlib.contextmanager
+def tracked_run(
+    tracking_uri: str, run_id: str, *, failure_tags: Mapping[str, str] | None = None
+) -> Iterator[RunOutcome]:
+    """Close MLflow run `run_id` with the outcome of the block: the one owner of FINISHED / FAILED / KILLED.
 
-    def log_dict(self, data: Any, artifact_file: str) -> None:
-        if self.enabled:
-            self._client.log_dict(self.run_id, data, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            self._client.log_text(self.run_id, text, artifact_file)
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        if self.enabled:
-            self._client.log_figure(self.run_id, figure, artifact_file)
-
-    def set_tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            self._client.set_tag(self.run_id, key, value)
+    Ctrl-C (KeyboardInterrupt) → KILLED; any other exception → the ``retina.error`` tag (its type and message)
+    plus `failure_tags`, then FAILED; the exception propagates. Normal exit → ``status.tags``, then
+    ``status.status`` (FINISHED unless the block set another).
+    """
+    client = MlflowClient(tracking_uri)
+    status = RunOutcome()
+    try:
+        yield status
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        for key, value in {ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000], **(failure_tags or {})}.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "FAILED")
+        raise
+    for key, value in status.tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status.status)
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

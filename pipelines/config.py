@@ -1,0 +1,59 @@
+"""The run config of a training job: the library's sections (model, data, train: `retina.config`) composed with
+the sections the pipelines read (scaling and run: Ray Train, `pipelines.training.settings`; tracking: MLflow,
+`pipelines.tracking.settings`). One typed object, loaded and checked once per process, then passed as it is
+(Ray pickles it into the workers).
+
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=100"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.tracking.settings import TrackingConfig
+from pipelines.training.settings import RunConfig, ScalingConfig
+from retina import config as rc
+from retina.config import ConfigError, DataConfig, ModelConfig, TrainConfig, require
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        """Every section's range rules, then the rules that span sections; ConfigError naming the key."""
+        rc.validate_model(self.model)
+        rc.validate_data(self.data)
+        rc.validate_train(self.train)
+        for section in (self.scaling, self.run, self.tracking):
+            section.check()
+        require(
+            self.data.batch_size % self.scaling.num_workers == 0,
+            "data.batch_size",
+            f"{self.data.batch_size} images per step do not split evenly over scaling.num_workers="
+            f"{self.scaling.num_workers}",
+        )
+        require(
+            self.train.amp != "fp16" or self.scaling.use_gpu,
+            "train.amp",
+            "fp16 needs scaling.use_gpu=true (use bf16 or none on CPU)",
+        )
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """A YAML run config (or the defaults when `path` is None) plus ``section.key=value`` overrides, checked."""
+    return rc.load_config(path, overrides, cls=Config)
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """A Config from its plain-dict form (``dataclasses.asdict``; what checkpoints and MLflow store)."""
+    return rc.config_from_dict(data, overrides, cls=Config)

@@ -1,0 +1,49 @@
+"""Every metric, tag and result-key name the pipelines and the search share: one owner, so a reader of a
+dashboard, a test and the code all see the same spelling (a typo here is a test failure, not a silent zero).
+
+Metric names carry a slash namespace used identically in ``ray.train.report``, Tune and MLflow.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------------------- metrics
+VAL_PREFIX = "val/"  # training's evaluation: val/AP, val/AP50, ... val/class_AP/<name>, val/agnostic_AP
+EVAL_PREFIX = "eval/"  # pipelines/evaluate.py's evaluation of a stored model
+VAL_AP = "val/AP"  # the score of checkpoints, of Tune's trials and of the registry's alias gate
+VAL_AP50 = "val/AP50"
+VAL_AP75 = "val/AP75"
+VAL_SECONDS = "val/seconds"
+TRAIN_LOSS = "train/loss"
+TRAIN_LOSS_CLS = "train/loss_cls"
+TRAIN_LOSS_BOX = "train/loss_box"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_IMAGES_PER_S = "train/images_per_s"
+TRAIN_EPOCH = "train/epoch"
+TRAIN_EPOCH_IMAGES_PER_S = "train/epoch_images_per_s"
+STEP = "step"  # optimizer steps done, in every report
+EPOCH = "epoch"  # epochs completed; Tune's ASHA counts time in it
+
+# ---------------------------------------------------------------------------------------------- MLflow tags
+RUN_KEY_TAG = "retina.run_key"  # <storage_path>/<run name>: finds the MLflow run of a Train run on resume
+MODEL_URI_TAG = "retina.model_uri"  # set once the model is logged: the run is done
+REGISTERED_VERSION_TAG = "retina.registered_version"  # "<name>/<version>"
+BEST_CHECKPOINT_TAG = "retina.best_checkpoint"
+RESUMED_FROM_TAG = "retina.resumed_from_step"
+ERROR_TAG = "retina.error"  # the exception (or non-finite loss message) that ended a run
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+VERSION_VAL_AP_TAG = "val_AP"  # on a registered model version: the val/AP of the checkpoint it was made from
+VERSION_RUN_ID_TAG = "mlflow_run_id"  # on a registered model version: the training run
+
+# Tune: one parent run per search, one child per trial
+TRIAL_ID_TAG = "retina.tune.trial_id"
+TRIAL_STATUS_TAG = "retina.tune.status"  # completed | stopped (ASHA) | failed; set when the trial ends
+BEST_TRIAL_TAG = "retina.tune.best_trial"
+BEST_RUN_ID_TAG = "retina.tune.best_run_id"
+CHAMPION_TAG_PREFIX = "retina.champion."  # on the search's parent run: the alias decision (candidate, previous...)
+
+# ---------------------------------------------------------------------------------------------- result keys
+NONFINITE_KEY = "nonfinite"  # in the dict a worker's train_func returns when the loss diverged
+# In a trial's own last Tune report only: the trial ran to its end. Tune marks a scheduler-stopped trial's last
+# result done=True too, so `done` cannot tell "completed" from "stopped by ASHA"; this key can.
+TRIAL_FINISHED_KEY = "trial/finished"

@@ -1,0 +1,58 @@
+"""Rank-0 logging from inside a Ray Train worker into the run the driver opened."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking.store import log_metric_batch
+
+
+class RunLogger:
+    """Logs into an existing run from a Ray worker; a no-op unless `enabled` (rank 0)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.run_id = run_id
+        self.enabled = enabled and bool(run_id)
+        self._client = MlflowClient(tracking_uri) if self.enabled else None
+        self._last_step: dict[str, int] = {}
+
+    def _high_water(self, key: str) -> int:
+        if key not in self._last_step:
+            history = self._client.get_metric_history(self.run_id, key)
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Finite metrics only (NaN/inf are dropped, not sent); a (key, step) already logged is skipped."""
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or step <= self._high_water(key):
+                continue
+            batch.append(Metric(key, float(value), now, int(step)))
+            self._last_step[key] = int(step)
+        log_metric_batch(self._client, self.run_id, batch)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._client.set_tag(self.run_id, key, value)

@@ -1,0 +1,216 @@
+"""The per-worker training loop that Ray Train runs on every DDP worker (`train_func`).
+
+Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → for each epoch: train
+one epoch, then evaluate, checkpoint and report when due (every ``train.eval_every_epochs`` and at the end).
+
+Collectives per step: one all-reduce of a 2-flag tensor [non-finite loss or gradient, out of data]. It makes
+every rank stop together, both on a non-finite loss (no rank steps the optimizer with NaN gradients, so no
+checkpoint can hold NaN weights) and when one rank's data part ends first (no rank waits forever in a DDP
+gradient all-reduce that the others never join).
+
+A non-finite loss ends the run without raising: a raise would make Ray Train restart the workers from the
+last checkpoint (FailureConfig), which replays the same steps into the same NaN. Instead every rank returns
+``{NONFINITE_KEY: message}`` (naming the step and each rank's loss terms); the driver reads rank 0's return value
+(``Result.return_value``), raises `NonFiniteLossError` and marks the MLflow run FAILED.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import torch
+
+from pipelines import names
+from pipelines.config import Config
+from pipelines.data.datasets import make_collate_fn
+from pipelines.data.shards import coco_gt_from_shards
+from pipelines.tracking.logger import RunLogger
+from pipelines.training.checkpoint import load_checkpoint
+from pipelines.training.distributed import all_gather_objects, all_reduce
+from pipelines.training.evaluation import evaluate
+from pipelines.training.faults import Faults
+from pipelines.training.metrics import MetricWindow
+from pipelines.training.reporting import log_evaluation, report
+from pipelines.training.step import StepResult, TrainingParts, apply_update, autocast, forward_backward
+from retina.config import to_dict
+from retina.data.coco import LabelMap
+from retina.model import build_retinanet
+
+logger = logging.getLogger("retina.train")
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    last_train: dict[str, float] = field(default_factory=dict)  # the latest log window's metrics
+
+
+@dataclass
+class Worker:
+    """What one worker knows besides its training parts: the run config, its place in the group, its MLflow logger
+    (active on rank 0 only), the label map and the test-only faults."""
+
+    cfg: Config
+    rank: int
+    world: int
+    tracker: RunLogger
+    label_map: list[dict[str, Any]]  # [{"id", "name", "label"}]: stored with every checkpoint
+    faults: Faults
+    _gt: dict[str, Any] | None = None
+
+    @property
+    def labels(self) -> LabelMap:
+        return LabelMap.from_json(self.label_map)
+
+    def ground_truth(self) -> dict[str, Any]:
+        """The val split's COCO ground truth, read once (rank 0 asks for it at each evaluation)."""
+        if self._gt is None:
+            self._gt = coco_gt_from_shards(self.cfg.data.val_shards)
+        return self._gt
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. `config`: {"config": Config, "tracking_uri", "mlflow_run_id", "label_map": [{"id",
+    "name", "label"}, ...], "faults": Faults}. Returns {"step": last step} (+ NONFINITE_KEY when it diverged)."""
+    cfg: Config = config["config"]
+    ctx = ray.train.get_context()
+    tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"], enabled=ctx.get_world_rank() == 0)
+    w = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), tracker, config["label_map"], config["faults"])
+    if ray.train.torch.get_device().type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+
+    model = build_retinanet(cfg.model)
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir)
+        model.load_state_dict(state.model)
+    parts = TrainingParts.build(model, cfg.train, cfg.data.batch_size)
+    progress = Progress()
+    if state is not None:
+        parts.restore(state)
+        progress.step, progress.epoch = state.step, state.epoch
+        logger.info("rank %d: resumed from %s at step %d, epoch %d", w.rank, checkpoint.path, state.step, state.epoch)
+        tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))
+    if progress.step >= cfg.train.max_steps:
+        logger.info("rank %d: the run already finished (step %d of %d)", w.rank, progress.step, cfg.train.max_steps)
+        return {names.STEP: progress.step}
+
+    collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
+    train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    window = MetricWindow(parts.device, w.world, cfg.data.batch_size)
+    while progress.step < cfg.train.max_steps:
+        batches = train_data.iter_torch_batches(batch_size=cfg.data.batch_size // w.world, collate_fn=collate,
+                                                drop_last=True)  # fmt: skip
+        epoch_start, start_step = time.perf_counter(), progress.step
+        diverged = train_one_epoch(parts, batches, w, progress, window)
+        if diverged:
+            tracker.set_tag(names.ERROR_TAG, diverged[:5000])
+            return {names.NONFINITE_KEY: diverged, names.STEP: progress.step}
+        progress.epoch += 1
+        if progress.epoch % cfg.train.eval_every_epochs == 0 or progress.step >= cfg.train.max_steps:
+            epoch_rate = (progress.step - start_step) * cfg.data.batch_size / (time.perf_counter() - epoch_start)
+            val_batches = val_data.iter_torch_batches(batch_size=cfg.data.val_batch_size, collate_fn=collate)
+            evaluate_and_report(parts, val_batches, w, progress, epoch_rate)
+    return {names.STEP: progress.step}
+
+
+def train_one_epoch(
+    parts: TrainingParts, batches: Any, w: Worker, progress: Progress, window: MetricWindow
+) -> str | None:
+    """Step through this rank's part of one epoch (or until train.max_steps); log every train.log_every steps.
+
+    Returns None, or the non-finite-loss message when any rank's loss or gradient stopped being finite."""
+    t = w.cfg.train
+    parts.model.train()
+    for batch, is_last in _look_ahead(batches, parts.device, progress.epoch, w.cfg.data.batch_size):
+        w.faults.maybe_fail(progress.step, w.rank, w.world)
+        result = forward_backward(parts, batch, inject_nan=progress.step == w.faults.nan_at_step)
+        # The step's one collective: stop on a non-finite value anywhere, or when any rank's data part ends.
+        flags = all_reduce(torch.stack([result.bad.float(), torch.tensor(float(is_last), device=parts.device)]))
+        if bool(flags[0]):
+            message = _nonfinite_message(progress.step, result)
+            logger.error("rank %d: %s", w.rank, message)
+            return message
+        apply_update(parts)
+        progress.step += 1
+        window.add(result)
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
+            progress.last_train = window.flush(parts.lr, progress.epoch + 1, t.grad_clip > 0)
+            w.tracker.log_metrics(progress.last_train, progress.step)
+            if w.rank == 0:
+                logger.info("step %d/%d %s", progress.step, t.max_steps,
+                            " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in progress.last_train.items()))  # fmt: skip
+        if progress.step >= t.max_steps or bool(flags[1]):
+            return None
+    return None
+
+
+def _look_ahead(
+    batches: Any, device: torch.device, epoch: int, global_batch: int
+) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """(batch on the device, whether it is this rank's last of the epoch): the next batch is fetched before the
+    current one is yielded, so the "out of data" flag can ride on the step's collective."""
+    it = iter(batches)
+    batch = next(it, None)
+    # every rank needs a batch before the first DDP step of the epoch, or none of them steps
+    empty = all_reduce(torch.tensor([float(batch is None)], device=device))
+    if bool(empty[0]):
+        raise RuntimeError(f"rank {ray.train.get_context().get_world_rank()}: no training batch in epoch {epoch + 1} "
+                           f"(train split smaller than {global_batch} images?)")  # fmt: skip
+    while batch is not None:
+        nxt = next(it, None)
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, nxt is None
+        batch = nxt
+
+
+def _nonfinite_message(step: int, result: StepResult) -> str:
+    """Every rank's loss terms (gathered) in one line, e.g. 'rank 0: loss_cls=nan loss_box=0.51'."""
+    terms = {k: float(v.detach()) for k, v in result.losses.items()}
+    terms = {"loss": sum(terms.values()), **terms}
+    if result.grad_norm is not None:
+        terms["grad_norm"] = float(result.grad_norm)
+    per_rank = "; ".join(
+        f"rank {r}: " + " ".join(f"{k}={v:.4g}" for k, v in t.items()) for r, t in enumerate(all_gather_objects(terms))
+    )
+    return f"non-finite loss at step {step}: {per_rank}"
+
+
+def evaluate_and_report(
+    parts: TrainingParts, val_batches: Any, w: Worker, progress: Progress, epoch_images_per_s: float
+) -> None:
+    """Evaluate on the val split (all ranks), then report the metrics; rank 0 logs them and the checkpoint."""
+    eval_start = time.perf_counter()
+    final = progress.step >= w.cfg.train.max_steps
+    result = evaluate(
+        parts.model,
+        val_batches,
+        coco_ids=list(w.labels.coco_ids),
+        load_gt=w.ground_truth,  # called on rank 0 only
+        device=parts.device,
+        autocast=autocast(w.cfg.train.amp, parts.device),
+        num_samples=w.cfg.train.num_logged_images if final else 0,
+    )
+    metrics = {
+        **progress.last_train,
+        **result.metrics(),
+        names.STEP: progress.step,
+        names.EPOCH: progress.epoch,
+        names.TRAIN_EPOCH_IMAGES_PER_S: epoch_images_per_s,
+        names.VAL_SECONDS: time.perf_counter() - eval_start,
+    }
+    if w.rank != 0:
+        report(metrics, None)
+        return
+    log_evaluation(w.tracker, result, metrics, progress.step, progress.epoch, w.labels)
+    report(metrics, parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, result.metrics()))
+    logger.info("epoch %d step %d: %s", progress.epoch, progress.step,
+                {k: round(v, 4) for k, v in result.metrics().items()})  # fmt: skip

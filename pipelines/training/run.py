@@ -1,0 +1,155 @@
+"""The driver of a training run: data checks, the MLflow run, ``TorchTrainer.fit``, the model's registration.
+
+    outcome = run_training(load_config("configs/demo.yaml"))
+
+Resume: the same run.name and run.storage_path continue from the latest checkpoint in ``<storage_path>/<name>``,
+in the same MLflow run (found by its ``retina.run_key`` tag). Worker failures are recovered the same way, up to
+run.max_failures times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+
+from cluster import s3
+from cluster.connect import connect_ray
+from cluster.storage import absolute, storage_location
+from pipelines import names
+from pipelines.config import Config
+from pipelines.data.datasets import datasets_from_config
+from pipelines.data.sample import ensure_sample_data
+from pipelines.data.shards import check_shards
+from pipelines.tracking import plots, store
+from pipelines.tracking.model_logging import LoggedModel, log_and_register
+from pipelines.training.checkpoint import model_from_state
+from pipelines.training.faults import Faults
+from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
+from retina.config import flatten, to_dict
+
+logger = logging.getLogger("retina.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the message names the step and every rank's loss terms."""
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str  # <storage_path>/<name>: checkpoints and Ray's run state
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict[str, Any]  # the last metrics rank 0 reported (val/AP ...)
+    best_checkpoint: str | None
+    model: LoggedModel | None
+    resumed: bool  # this command continued an existing run
+    seconds: float
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local data paths made absolute: Ray workers (and `ray job submit` drivers) run in other directories."""
+    d = cfg.data
+    data = dataclasses.replace(
+        d, root=absolute(d.root), train_shards=absolute(d.train_shards), val_shards=absolute(d.val_shards)
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
+    """What every training run (and every search) does first: absolute paths, Ray, the sample data on first use,
+    and the shards' checks; returns the config to hand on and the label map (JSON form)."""
+    cfg = with_absolute_paths(cfg)
+    connect_ray(cpus_needed=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars drown the step logs
+    ensure_sample_data(cfg.data)
+    return cfg, check_shards(cfg.data, cfg.model.num_classes).to_json()
+
+
+def fit(
+    cfg: Config,
+    tracking_uri: str,
+    run_id: str,
+    labels: list[dict[str, Any]],
+    *,
+    faults: Faults,
+    callbacks: list[Any] | None = None,
+) -> ray.train.Result:
+    """One TorchTrainer run of `cfg` logging into MLflow run `run_id`; raises NonFiniteLossError on divergence."""
+    loop_config = {"config": cfg, "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "label_map": labels,
+                   "faults": faults}  # fmt: skip
+    train_ds, val_ds = datasets_from_config(cfg)
+    result = build_trainer(cfg, loop_config, {"train": train_ds, "val": val_ds}, callbacks).fit()
+    returned = result.return_value or {}  # rank 0's return value
+    if isinstance(returned, dict) and returned.get(names.NONFINITE_KEY):
+        raise NonFiniteLossError(returned[names.NONFINITE_KEY])
+    return result
+
+
+def run_training(cfg: Config, config_path: str | None = None) -> TrainOutcome:
+    """The whole run: data, MLflow run, TorchTrainer.fit, model registration. Raises on failure (MLflow FAILED)."""
+    started = time.time()
+    cfg, labels = prepare_run(cfg)
+    run_dir = s3.join(storage_location(cfg.run.storage_path)[2], cfg.run.name)
+    tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    params = flatten(to_dict(cfg))
+    run_id, resumed = store.start_or_resume_run(tracking_uri, cfg.tracking.experiment, cfg.run.name, run_dir, params)
+    client = store.MlflowClient(tracking_uri)
+    done = client.get_run(run_id).data.tags.get(names.MODEL_URI_TAG) if resumed else None
+    if done:
+        logger.info("run %s already finished and its model is logged (%s); nothing to do", cfg.run.name, done)
+        client.set_terminated(run_id, "FINISHED")
+        metrics = dict(client.get_run(run_id).data.metrics)
+        return TrainOutcome(run_dir, run_id, tracking_uri, metrics, None, None, True, time.time() - started)
+    with store.tracked_run(tracking_uri, run_id):
+        client.log_dict(run_id, to_dict(cfg), "config/config.json")
+        if config_path:
+            client.log_artifact(run_id, config_path, "config")
+        client.log_dict(run_id, labels, "label_map.json")
+        result = fit(cfg, tracking_uri, run_id, labels, faults=Faults.from_env())
+        metrics = dict(result.metrics or {})  # those of the latest checkpoint
+        logged, best_path = _finish(cfg, result, tracking_uri, run_id, labels)
+    return TrainOutcome(run_dir, run_id, tracking_uri, metrics, best_path, logged, resumed, time.time() - started)
+
+
+def _log_curves(tracking_uri: str, run_id: str) -> None:
+    losses = {k: store.metric_history(tracking_uri, run_id, k)
+              for k in (names.TRAIN_LOSS, names.TRAIN_LOSS_CLS, names.TRAIN_LOSS_BOX)}  # fmt: skip
+    aps = {k: store.metric_history(tracking_uri, run_id, k) for k in (names.VAL_AP, names.VAL_AP50, names.VAL_AP75)}
+    client = store.MlflowClient(tracking_uri)
+    for name, series, title, ylabel in (("loss_curve.png", losses, "training loss", "loss"),
+                                        ("ap_curve.png", aps, "validation AP", "COCO AP")):  # fmt: skip
+        fig = plots.curves_figure(series, title, ylabel)
+        client.log_figure(run_id, fig, f"curves/{name}")
+        plots.close(fig)
+
+
+def _finish(cfg: Config, result: ray.train.Result, tracking_uri: str, run_id: str, labels: list[dict]) -> tuple:
+    """Log curves and the model (best checkpoint by val/AP), register it; return (model, checkpoint path)."""
+    best = best_checkpoint(result)
+    if best is None:
+        raise RuntimeError(f"training finished without a checkpoint in {result.path}")
+    state = read_checkpoint(best)
+    _log_curves(tracking_uri, run_id)
+    val_ap = float((state.metrics or {}).get(names.VAL_AP, 0.0))  # the checkpoint keeps the metrics as reported
+    logged = log_and_register(
+        model_from_state(state),
+        label_map=labels,
+        config=to_dict(cfg),
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        registered_model_name=cfg.tracking.registered_model_name,
+        alias=cfg.tracking.alias,
+        alias_min_ap=cfg.tracking.alias_min_ap,
+        val_ap=val_ap,
+    )
+    client = store.MlflowClient(tracking_uri)
+    client.set_tag(run_id, names.MODEL_URI_TAG, logged.model_uri)
+    client.set_tag(run_id, names.REGISTERED_VERSION_TAG, f"{logged.registered_name}/{logged.version}")
+    client.set_tag(run_id, names.BEST_CHECKPOINT_TAG, best.path)
+    return logged, best.path

@@ -1,0 +1,118 @@
+"""One optimizer step of the worker loop, and the parts it works on.
+
+A step is split in two around the one collective of the step (see `loop.train_one_epoch`): `forward_backward`
+computes the loss and the gradients (and clips them), then every rank agrees on the stop flags, then
+`apply_update` steps the optimizer, the loss scaler and the lr schedule, or nobody does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipelines.training.checkpoint import TrainState
+from pipelines.training.optim import WarmupMultiStepLR, build_optimizer
+from retina.config import TrainConfig
+from retina.model import RetinaNet
+
+
+class LossModule(nn.Module):
+    """DDP synchronises gradients through `forward`; the model's batched loss lives in `losses`, so wrap it."""
+
+    def __init__(self, model: RetinaNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.losses(images, gt_boxes, gt_labels)
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The train.amp setting as a context manager (a fresh one per use)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    # bf16 needs no loss scaling (fp32's exponent range); fp16 pairs with the GradScaler.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@dataclass
+class TrainingParts:
+    """What a worker trains: the bare model (evaluation, checkpoints), its DDP wrapper (steps), the optimizer,
+    the lr schedule and the fp16 loss scaler."""
+
+    model: RetinaNet
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupMultiStepLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    train: TrainConfig
+    params: list[nn.Parameter]  # the trainable ones (gradient clipping)
+
+    @classmethod
+    def build(cls, model: RetinaNet, train: TrainConfig, global_batch: int) -> TrainingParts:
+        """`model` already holds any restored weights: prepare_model moves it and wraps it in DDP (world > 1)."""
+        device = ray.train.torch.get_device()
+        ddp_model = ray.train.torch.prepare_model(LossModule(model))
+        optimizer = build_optimizer(model, train, global_batch)
+        scheduler = WarmupMultiStepLR(optimizer, train)
+        scaler = torch.amp.GradScaler(device.type, enabled=train.amp == "fp16")
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(model, ddp_model, optimizer, scheduler, scaler, device, train, params)
+
+    def restore(self, state: TrainState) -> None:
+        """Optimizer, schedule and scaler as the checkpoint left them (the lr continues at its step)."""
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+
+    def state(self, step: int, epoch: int, config: dict, label_map: list[dict], metrics: dict) -> TrainState:
+        return TrainState(
+            step=step, epoch=epoch, config=config, label_map=label_map, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, metrics=metrics,
+        )  # fmt: skip
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # loss_cls, loss_box: scalars, this rank's batch
+    loss: torch.Tensor  # their sum
+    grad_norm: torch.Tensor | None  # total norm before clipping (None: clipping off)
+    bad: torch.Tensor  # () bool: the loss (or, unless fp16, the gradient norm) is not finite
+
+
+def forward_backward(parts: TrainingParts, batch: dict[str, torch.Tensor], *, inject_nan: bool = False) -> StepResult:
+    """Loss and gradients of one batch (already on the device); the optimizer is not stepped yet."""
+    t = parts.train
+    with autocast(t.amp, parts.device):
+        losses = parts.ddp_model(batch["images"], batch["gt_boxes"], batch["gt_labels"])
+    if inject_nan:  # test hook (pipelines/training/faults.py): a NaN that flows into the gradients
+        losses = {**losses, "loss_cls": losses["loss_cls"] * float("nan")}
+    loss = losses["loss_cls"] + losses["loss_box"]
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    grad_norm = None
+    if t.grad_clip > 0:
+        parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(parts.params, t.grad_clip)
+    bad = ~torch.isfinite(loss.detach())
+    if grad_norm is not None and t.amp != "fp16":  # under fp16 the scaler skips inf-gradient steps itself
+        bad = bad | ~torch.isfinite(grad_norm)
+    return StepResult(losses, loss, grad_norm, bad)
+
+
+def apply_update(parts: TrainingParts) -> None:
+    """Step the optimizer (through the fp16 scaler), the scaler and the lr schedule."""
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()

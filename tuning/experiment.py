@@ -1,0 +1,309 @@
+"""A hyperparameter search as a library: the Tune experiment over γ, α, π (, lr), each trial one Ray Train run
+(`tuning.trial`), results read back from storage (`tuning.results`), the best model registered and promoted.
+The command over it is ``python tuning/search.py`` (its --help describes resume, MLflow and the cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from cluster import s3
+from cluster.storage import absolute, storage_location
+from pipelines import names
+from pipelines.data.shards import num_images
+from pipelines.tracking import store
+from pipelines.tracking.model_logging import LoggedModel, log_and_register
+from pipelines.training.checkpoint import model_from_state
+from pipelines.training.faults import Faults
+from pipelines.training.run import prepare_run
+from pipelines.training.trainer import read_checkpoint
+from retina.config import flatten, to_dict
+from tuning import results as res
+from tuning.config import SearchConfig
+from tuning.space import METRIC, build_searcher, grid_size, grid_space, searched
+from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, run_trial
+
+logger = logging.getLogger("retina.tune")
+
+# CPUs a trial's Ray Data decode tasks need beside its workers: not reserved, but counted when deciding how many
+# trials run side by side (with none left over, every trial's input pipeline crawls one task at a time).
+DATA_CPUS_PER_TRIAL = 1.0
+
+
+@dataclass
+class SearchOutcome:
+    experiment_path: str  # the Tune experiment (restore from here)
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[res.TrialRow]
+    table: str
+    best: res.TrialRow | None
+    best_run_id: str | None  # the best trial's MLflow child run
+    model: LoggedModel | None  # registered model of the best trial (None: no trial finished, or done before)
+    champion: res.ChampionDecision | None
+    resumed: bool
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def with_search_defaults(cfg: SearchConfig) -> SearchConfig:
+    """tuning.name/storage_path filled in (from run.*), local paths absolute (trials run in other directories)."""
+    t = cfg.tuning
+    storage = absolute(t.storage_path or cfg.run.storage_path)
+    tuning = dataclasses.replace(t, name=t.name or f"{cfg.run.name}_search", storage_path=storage)
+    return dataclasses.replace(cfg, tuning=tuning)
+
+
+def expected_epochs(cfg: SearchConfig) -> int:
+    """Epochs a full trial runs: train.max_steps over the steps one pass of the train split gives each worker."""
+    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
+    world = cfg.scaling.num_workers
+    # every worker gets an equal part of the rows (the train split is equal=True) and drops its last partial batch
+    steps_per_epoch = max(1, (images // world) // max(1, cfg.data.batch_size // world))
+    return math.ceil(cfg.train.max_steps / steps_per_epoch)
+
+
+def build_scheduler(cfg: SearchConfig, epochs: int) -> TrialScheduler | None:
+    """ASHA on val/AP by epoch, with its last rung before the final epoch; None when the trials are too short.
+
+    A decision at the final evaluation saves nothing (the trial is done) but would end the trial from outside
+    before it closes its own records, hence max_t = epochs - 1 and stop_last_trials=False.
+    """
+    t = cfg.tuning
+    if t.scheduler != "asha":
+        return None
+    max_t = epochs - 1
+    if max_t < t.grace_period:
+        logger.warning("ASHA off: trials run %d epoch(s), no rung fits before the last one (grace_period=%d)",
+                       epochs, t.grace_period)  # fmt: skip
+        return None
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=METRIC,
+        mode="max",
+        max_t=max_t,
+        grace_period=t.grace_period,
+        reduction_factor=t.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def trial_resources(cfg: SearchConfig) -> dict[str, float]:
+    """What one trial holds: its workers (scaling.*) plus the trial's own driver process."""
+    sc = cfg.scaling
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker + cfg.tuning.driver_cpus}
+    if sc.use_gpu:
+        need["GPU"] = float(sc.num_workers)
+    for name, amount in sc.resources_per_worker.items():
+        need[name] = need.get(name, 0.0) + sc.num_workers * amount
+    return need
+
+
+def max_concurrent(cfg: SearchConfig, cluster: dict[str, float], num_trials: int) -> int:
+    """floor(cluster resources / one trial's needs) over CPU, GPU and custom resources, capped by the flag."""
+    need = trial_resources(cfg)
+    need["CPU"] += DATA_CPUS_PER_TRIAL
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    if fits < 1:
+        # An autoscaling cluster may add the nodes later: run one at a time rather than refuse.
+        logger.warning("one trial needs %s but the cluster has %s now; running one trial at a time", need,
+                       {k: cluster.get(k, 0.0) for k in need})  # fmt: skip
+        fits = 1
+    cap = cfg.tuning.max_concurrent_trials or fits
+    return max(1, min(fits, cap, num_trials))
+
+
+# ------------------------------------------------------------------------------------------------ finish
+
+
+def _exists(path: str, filesystem: pyarrow.fs.FileSystem | None) -> bool:
+    if filesystem is None:
+        return Path(path).exists()
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def register_best(
+    cfg: SearchConfig, best: res.TrialRow, run_id: str, tracking_uri: str, filesystem: pyarrow.fs.FileSystem | None
+) -> tuple[LoggedModel, float]:
+    """Log the best trial's best checkpoint as a model in its child run and register it; (model, its val/AP)."""
+    client = MlflowClient(tracking_uri)
+    tagged = client.get_run(run_id).data.tags.get(names.BEST_CHECKPOINT_TAG)
+    # the trial's own pick (Train's best checkpoint) when it finished; a stopped trial's Tune-reported paths else
+    paths = [p for p in [tagged, *best.checkpoints] if p and _exists(p, filesystem)]
+    if not paths:
+        raise RuntimeError(f"trial {best.trial_id}: none of its checkpoints exists any more ({best.checkpoints})")
+    state = read_checkpoint(ray.train.Checkpoint(paths[0], filesystem=filesystem))
+    val_ap = float((state.metrics or {}).get(names.VAL_AP, best.best_ap or 0.0))
+    logged = log_and_register(
+        model_from_state(state),
+        label_map=state.label_map,
+        config=state.config,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        registered_model_name=cfg.tracking.registered_model_name,
+        alias="",  # the champion alias moves only on improvement: promote_if_better decides
+        alias_min_ap=0.0,
+        val_ap=val_ap,
+    )
+    client.set_tag(run_id, names.MODEL_URI_TAG, logged.model_uri)
+    client.set_tag(run_id, names.BEST_CHECKPOINT_TAG, paths[0])
+    return logged, val_ap
+
+
+def _log_results(client: MlflowClient, parent: str, rows: list[res.TrialRow], cfg: SearchConfig, table: str) -> None:
+    dims = searched(cfg.tuning)
+    with tempfile.TemporaryDirectory() as tmp:
+        res.write_csv(rows, dims, Path(tmp) / "results.csv")
+        (Path(tmp) / "results.txt").write_text(table + "\n")
+        client.log_artifacts(parent, tmp, "search")
+    fig = res.plot(rows, dims)
+    client.log_figure(parent, fig, "search/val_AP_vs_hyperparameters.png")
+    counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped", "failed")}
+    metrics = {f"search/trials_{s}": float(n) for s, n in counts.items()}
+    aps = [r.best_ap for r in rows if r.best_ap is not None and r.status != "failed"]
+    if aps:
+        metrics["search/best_val_AP"] = max(aps)
+    for key, value in metrics.items():
+        client.log_metric(parent, key, value)
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: str | None = None) -> SearchOutcome:
+    """The whole search: checks, parent MLflow run, Tune (new or restored), table, registration, champion."""
+    started = time.time()
+    cfg, labels = prepare_run(with_search_defaults(cfg))
+    t = cfg.tuning
+    storage, filesystem, display = storage_location(t.storage_path)
+    experiment_display = s3.join(display, t.name)
+    experiment_path = s3.join(storage, t.name) if filesystem is not None else str(Path(storage) / t.name)
+    tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    parent_id, parent_resumed = store.start_or_resume_run(
+        tracking_uri, cfg.tracking.experiment, t.name, experiment_display, flatten(to_dict(cfg))
+    )
+    with store.tracked_run(tracking_uri, parent_id) as status:
+        if config_path:
+            MlflowClient(tracking_uri).log_artifact(parent_id, config_path, "config")
+        setup = TrialSetup(cfg, s3.join(experiment_display, "trials"), tracking_uri, cfg.tracking.experiment,
+                           parent_id, labels, Faults.from_env())  # fmt: skip
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": t.driver_cpus})
+        resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+        if resumed:
+            logger.info("resuming the search in %s", experiment_display)
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=resume_errored,
+                                       storage_filesystem=filesystem)  # fmt: skip
+        else:
+            tuner = _new_tuner(cfg, trainable, storage, filesystem, parent_id, tracking_uri)
+        tuner.fit()
+        rows = res.collect(experiment_path, filesystem)
+        table = res.format_table(rows, searched(t))
+        _log_results(MlflowClient(tracking_uri), parent_id, rows, cfg, table)
+        best = res.best_row(rows)
+        best_run_id, model, champion = _register_best_trial(cfg, best, parent_id, tracking_uri, filesystem)
+        status.status = "FINISHED" if best is not None else "FAILED"
+    return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, best, best_run_id, model, champion,
+                         resumed or parent_resumed, time.time() - started)  # fmt: skip
+
+
+def _register_best_trial(
+    cfg: SearchConfig, best: res.TrialRow | None, parent_id: str, tracking_uri: str, filesystem: Any
+) -> tuple[str | None, LoggedModel | None, res.ChampionDecision | None]:
+    """Register the best trial's model (once: a resumed search that registered it already skips this) and move
+    the alias to it if it beats the current champion. (best trial's MLflow run, model, champion decision)."""
+    if best is None:
+        return None, None, None
+    client = MlflowClient(tracking_uri)
+    best_run_id = find_child_run(tracking_uri, cfg.tracking.experiment, parent_id, best.trial_id)
+    parent_tags = client.get_run(parent_id).data.tags
+    if parent_tags.get(names.BEST_TRIAL_TAG) == best.trial_id and names.MODEL_URI_TAG in parent_tags:
+        logger.info("best trial %s already registered (%s)", best.trial_id, parent_tags[names.MODEL_URI_TAG])
+        return best_run_id, None, None
+    if best_run_id is None:
+        return None, None, None
+    model, val_ap = register_best(cfg, best, best_run_id, tracking_uri, filesystem)
+    champion = None
+    if cfg.tracking.alias:
+        champion = res.promote_if_better(client, model.registered_name, cfg.tracking.alias, model.version, val_ap,
+                                         cfg.tracking.alias_min_ap)  # fmt: skip
+        for key, value in champion.tags().items():
+            client.set_tag(parent_id, key, value)
+    tags = {
+        names.BEST_TRIAL_TAG: best.trial_id,
+        names.BEST_RUN_ID_TAG: best_run_id,
+        names.MODEL_URI_TAG: model.model_uri,
+        names.REGISTERED_VERSION_TAG: f"{model.registered_name}/{model.version}",
+    }
+    for key, value in tags.items():
+        client.set_tag(parent_id, key, value)
+    return best_run_id, model, champion
+
+
+def _new_tuner(
+    cfg: SearchConfig, trainable: Any, storage: str, filesystem: Any, parent_id: str, tracking_uri: str
+) -> tune.Tuner:
+    t = cfg.tuning
+    grid = t.search_alg == "grid"
+    num_trials = grid_size(t) if grid else t.num_samples
+    if grid and t.num_samples != num_trials:
+        logger.info("grid search: %d trials (one per grid point; tuning.num_samples is not used)", num_trials)
+    concurrency = max_concurrent(cfg, ray.cluster_resources(), num_trials)
+    epochs = expected_epochs(cfg)
+    logger.info("search %s: %d trial(s), %d at a time, %d epoch(s) each, %s + %s", t.name, num_trials, concurrency,
+                epochs, t.search_alg, t.scheduler)  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space=grid_space(t) if grid else {},
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(t),
+            scheduler=build_scheduler(cfg, epochs),
+            num_samples=1 if grid else t.num_samples,
+            max_concurrent_trials=concurrency,
+            reuse_actors=False,  # a trial's process holds its Train controller; never hand it to the next trial
+            trial_name_creator=TrialNamer(offset=0 if grid else 1),
+        ),
+        run_config=tune.RunConfig(
+            name=t.name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=t.max_failures, fail_fast=False),
+            callbacks=[TrialRunStatus(tracking_uri, cfg.tracking.experiment, parent_id)],
+        ),
+    )
+
+
+def summary(outcome: SearchOutcome) -> str:
+    lines = [
+        f"search done in {outcome.seconds:.0f} s{' (resumed)' if outcome.resumed else ''}: {len(outcome.rows)} trials",
+        "",
+        outcome.table,
+        "",
+        f"  search folder (restore): {outcome.experiment_path}",
+        f"  MLflow parent run:       {outcome.parent_run_id} in {outcome.tracking_uri}",
+    ]
+    if outcome.best is not None:
+        b = outcome.best
+        params = " ".join(f"{k}={v:.4g}" for k, v in b.params.items())
+        lines.append(f"  best trial:              {b.name} ({params}) {METRIC}={b.best_ap:.4f}")
+    if outcome.model is not None:
+        lines.append(f"  registered:              {outcome.model.registered_name} v{outcome.model.version} "
+                     f"({outcome.model.model_uri})")  # fmt: skip
+    if outcome.champion is not None:
+        lines.append(f"  champion:                {outcome.champion.summary()}")
+    return "\n".join(lines)
