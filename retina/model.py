@@ -23,7 +23,7 @@ from retina.backbone import build_backbone
 from retina.boxes import BoxCoder
 from retina.config import ModelConfig, validate_model
 from retina.head import RetinaNetHead
-from retina.losses import detection_losses
+from retina.losses import assign_targets, detection_losses
 from retina.matcher import Matcher
 from retina.postprocess import postprocess, rescale_boxes
 
@@ -60,6 +60,16 @@ class RetinaNet(nn.Module):
             matcher=self.matcher, coder=self.box_coder, gamma=lc.gamma, alpha=lc.alpha, box_loss=lc.box_loss,
             smooth_l1_beta=lc.smooth_l1_beta, box_weight=lc.box_weight,
         )  # fmt: skip
+
+    def classification_targets(
+        self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the class loss of `losses` sees: images (B, 3, H, W); gt_boxes (B, M, 4); gt_labels (B, M) with -1
+        on padding rows → cls_logits (B, A, K) and cls_targets (B, A) int64 (class index, -1 background, -2
+        ignored)."""
+        cls_logits, _, anchors, _ = self._head_outputs(images)
+        cls_targets, _ = assign_targets(anchors, gt_boxes, gt_labels.long(), self.matcher)
+        return cls_logits, cls_targets
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, image_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
