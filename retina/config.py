@@ -108,6 +108,9 @@ class ModelConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     input: InputConfig = field(default_factory=InputConfig)
 
+    def check(self) -> None:
+        validate_model(self)
+
 
 @dataclass
 class DataConfig:

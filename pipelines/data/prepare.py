@@ -7,8 +7,8 @@ every image in parallel in Ray Data ``map_batches`` tasks: read the bytes, decod
 colour conversion included), check the decoded size against the JSON's height/width. A bad image (missing,
 unreadable, truncated, not an image, size mismatch) is an error naming the file by default; with
 ``--on-bad-image skip`` it is dropped and recorded. The check happens per row inside the UDF, so one bad file
-never costs its neighbours in the same block. Good rows stream straight into Parquet with the shard schema of docs/data.md
-(the ``image`` column holds the original encoded bytes; the decoder converts at read time).
+never costs its neighbours in the same block. Good rows stream straight into Parquet with the shard schema of
+docs/data.md (the ``image`` column holds the original encoded bytes; the decoder converts at read time).
 
 Output layout (safe to re-run; never mixes two runs):
 
@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -40,7 +40,7 @@ import ray
 
 from cluster import s3
 from pipelines.data.shards import MANIFEST
-from retina.data.coco import DataError, Issue, parse_coco
+from retina.data.coco import DataError, Issue, ParsedCoco, parse_coco
 from retina.data.transforms import ImageDecodeError, decode_image
 
 logger = logging.getLogger("retina.prepare_data")
@@ -193,6 +193,178 @@ def _issue_counts(issues: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(i["kind"] for i in issues).items()))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One prepare run: its inputs, its bad-image policy and where its shards go (``OUTPUT/shards-<run_id>``)."""
+
+    annotations: str
+    images: str
+    output: str
+    settings: s3.S3Settings | None
+    rows_per_shard: int
+    on_bad_image: str
+    run_id: str
+    started: float
+
+    @property
+    def shard_dir(self) -> str:
+        return f"shards-{self.run_id}"
+
+    @property
+    def shard_root(self) -> str:
+        return s3.join(self.output, self.shard_dir)
+
+
+def _check_args(on_bad_image: str, rows_per_shard: int) -> None:
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+
+
+def _read_annotations(annotations: str, settings: s3.S3Settings | None) -> ParsedCoco:
+    """The JSON, parsed on the driver: structural errors stop everything before any image is read."""
+    try:
+        raw = s3.read_bytes(annotations, settings)
+    except FileNotFoundError:
+        raise DataError(f"{annotations}: annotations file not found") from None
+    parsed = parse_coco(raw, name=annotations)
+    logger.info("parsed %s: %d images, counts %s", annotations, len(parsed.images), parsed.counts)
+    return parsed
+
+
+def _new_run(output: str, settings: s3.S3Settings | None, overwrite: bool) -> tuple[dict[str, Any] | None, str]:
+    """(the manifest already under `output` or None, a fresh run id); refuses to replace prepared data silently."""
+    previous = read_manifest(output, settings)
+    if previous is not None and not overwrite:
+        raise DataError(
+            f"{output} already holds prepared data (run {previous.get('run_id')}, "
+            f"{previous.get('counts', {}).get('images_written')} images); pass --overwrite to replace it"
+        )
+    return previous, time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def _write_shards(run: _Run, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Read, verify and write every image as Parquet under the run's shard folder, streaming through Ray Data;
+    return the per-row findings (bad images skipped, colour conversions).
+
+    On any failure the partial shard folder is deleted, and a bad image (wrapped by Ray) becomes a BadImageError
+    naming the annotations file and the image.
+    """
+    fs, fs_path = s3.arrow_filesystem(run.shard_root, run.settings)
+    collector = _Collector.remote()
+    num_blocks = max(1, min(math.ceil(len(records) / 32), 2000))  # ~32 images per read task
+    skip_bad = run.on_bad_image == "skip"
+    ds = ray.data.from_items(records, override_num_blocks=num_blocks).map_batches(
+        read_and_verify,
+        batch_format="pyarrow",
+        batch_size=None,  # one call per block; rows are checked one by one inside
+        fn_kwargs={"root": run.images, "settings": run.settings, "skip_bad": skip_bad, "collector": collector},
+    )
+    logger.info("reading %d images from %s into %s", len(records), run.images, run.shard_root)
+    try:
+        with _data_context():
+            rows = run.rows_per_shard
+            ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=rows, max_rows_per_file=rows)
+        return ray.get(collector.get.remote())
+    except Exception as exc:
+        s3.delete_prefix(run.shard_root, run.settings)
+        data_error = _find_data_error(exc)
+        if data_error is not None:
+            hint = "" if skip_bad else " (pass --on-bad-image skip to skip and count bad images)"
+            raise BadImageError(f"{run.annotations}: {data_error}{hint}") from exc
+        raise
+    finally:
+        ray.kill(collector)
+
+
+def _list_shards(run: _Run) -> list[dict[str, Any]]:
+    """The Parquet files actually written, with their row counts (read from the footers, not trusted from Ray)."""
+    fs = s3.arrow_filesystem(run.shard_root, run.settings)[0]
+    shards = []
+    for path in s3.list_files(run.shard_root, run.settings):
+        if not path.endswith(".parquet"):
+            continue
+        inner = s3.arrow_filesystem(path, run.settings)[1]
+        with fs.open_input_file(inner) as f:
+            num_rows = pq.ParquetFile(f).metadata.num_rows
+        shards.append({"path": f"{run.shard_dir}/{path.rsplit('/', 1)[-1]}", "num_rows": num_rows})
+    return shards
+
+
+def _issues(parsed: ParsedCoco, bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The JSON's repaired/dropped annotations, then the images skipped as bad, as manifest entries."""
+    issues = [i.to_json() for i in parsed.issues]
+    for f in bad:
+        issues.append(Issue(f["bad"], f["reason"], image_id=f["image_id"], file_name=f["file_name"]).to_json())
+    return issues
+
+
+def _counts(
+    parsed: ParsedCoco,
+    written: int,
+    bad: list[dict[str, Any]],
+    conversions: list[dict[str, Any]],
+    issues: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest's counts: the JSON's own counts (prefixed ``json_``), then what this run wrote or repaired."""
+    return {
+        **{f"json_{k}": v for k, v in parsed.counts.items()},
+        "images_written": written,
+        "images_skipped": len(bad),
+        "annotations_dropped": parsed.counts["degenerate"] + parsed.counts["outside"],
+        "mode_converted": dict(sorted(Counter(f["mode"] for f in conversions if f["mode"] != "RGB").items())),
+        "exif_transposed": sum(1 for f in conversions if f["exif_transposed"]),
+        "issues": _issue_counts(issues),
+    }
+
+
+def _check_written(run: _Run, written: int, expected: int) -> None:
+    """Never publish a run whose shards miss rows or hold none; its folder is deleted before raising."""
+    if written != expected:
+        s3.delete_prefix(run.shard_root, run.settings)
+        raise DataError(f"{run.shard_root}: wrote {written} rows, expected {expected}")
+    if written == 0:
+        s3.delete_prefix(run.shard_root, run.settings)
+        raise DataError(f"{run.annotations}: every image was skipped as bad; nothing to write (see the reasons above)")
+
+
+def _manifest(
+    run: _Run, parsed: ParsedCoco, shards: list[dict[str, Any]], counts: dict[str, Any], issues: list[dict[str, Any]]
+) -> dict[str, Any]:
+    # Key order is the order of manifest.json on disk: keep it stable for people diffing two runs.
+    return {
+        "format": FORMAT,
+        "run_id": run.run_id,
+        "created_unix": int(run.started),
+        "source": {"annotations": run.annotations, "images": run.images},
+        "categories": parsed.label_map.to_json(),
+        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "shards": shards,
+        "policy": {
+            "on_bad_image": run.on_bad_image,
+            "empty_images": "kept as pure negatives",
+            "crowd": "iscrowd=1 → crowd_boxes/crowd_labels: ignore regions at evaluation, never training targets",
+            "boxes": "w or h <= 0 dropped (degenerate); partly outside clipped; entirely outside dropped",
+            "image_bytes": "original encoded bytes; EXIF orientation and colour conversion happen at decode time",
+        },
+        "counts": counts,
+        "issues": issues,
+    }
+
+
+def _publish(run: _Run, manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """Swap in the new manifest, then delete the shard folders only the replaced manifest listed.
+
+    The manifest goes first so a crash in between leaves unlisted folders behind, never a manifest without shards.
+    """
+    s3.write_bytes(s3.join(run.output, MANIFEST), json.dumps(manifest, indent=1).encode(), run.settings)
+    if previous is not None and previous.get("run_id") != run.run_id:
+        for old_dir in {s["path"].split("/", 1)[0] for s in previous.get("shards", [])}:
+            if old_dir.startswith("shards-") and old_dir != run.shard_dir:
+                s3.delete_prefix(s3.join(run.output, old_dir), run.settings)
+
+
 def prepare(
     annotations: str,
     images: str,
@@ -203,119 +375,27 @@ def prepare(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Validate, read and shard a COCO dataset; return the manifest (also written to ``OUTPUT/manifest.json``)."""
-    if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    _check_args(on_bad_image, rows_per_shard)
     annotations, images, output = str(annotations), str(images), str(output)
     settings = s3.S3Settings.from_env() if any(s3.is_s3(p) for p in (annotations, images, output)) else None
     started = time.time()
+    parsed = _read_annotations(annotations, settings)
+    previous, run_id = _new_run(output, settings, overwrite)
+    run = _Run(annotations, images, output, settings, rows_per_shard, on_bad_image, run_id, started)
 
-    # 1. the JSON, on the driver: structural errors stop everything before any image is read
-    try:
-        raw = s3.read_bytes(annotations, settings)
-    except FileNotFoundError:
-        raise DataError(f"{annotations}: annotations file not found") from None
-    parsed = parse_coco(raw, name=annotations)
-    logger.info("parsed %s: %d images, counts %s", annotations, len(parsed.images), parsed.counts)
-
-    # 2. refuse to mix runs
-    previous = read_manifest(output, settings)
-    if previous is not None and not overwrite:
-        raise DataError(
-            f"{output} already holds prepared data (run {previous.get('run_id')}, "
-            f"{previous.get('counts', {}).get('images_written')} images); pass --overwrite to replace it"
-        )
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    shard_dir = f"shards-{run_id}"
-    shard_root = s3.join(output, shard_dir)
-    fs, fs_path = s3.arrow_filesystem(shard_root, settings)
-
-    # 3. read + verify + write, streaming through Ray Data
     records = [r.to_row() for r in parsed.images]
     if not records:
         raise DataError(f"{annotations}: no images listed")
-    collector = _Collector.remote()
-    num_blocks = max(1, min(math.ceil(len(records) / 32), 2000))  # ~32 images per read task
-    ds = ray.data.from_items(records, override_num_blocks=num_blocks).map_batches(
-        read_and_verify,
-        batch_format="pyarrow",
-        batch_size=None,  # one call per block; rows are checked one by one inside
-        fn_kwargs={"root": images, "settings": settings, "skip_bad": on_bad_image == "skip", "collector": collector},
-    )
-    logger.info("reading %d images from %s into %s", len(records), images, shard_root)
-    try:
-        with _data_context():
-            ds.write_parquet(
-                fs_path,
-                filesystem=fs,
-                min_rows_per_file=rows_per_shard,
-                max_rows_per_file=rows_per_shard,
-            )
-        findings = ray.get(collector.get.remote())
-    except Exception as exc:
-        s3.delete_prefix(shard_root, settings)
-        data_error = _find_data_error(exc)
-        if data_error is not None:
-            hint = "" if on_bad_image == "skip" else " (pass --on-bad-image skip to skip and count bad images)"
-            raise BadImageError(f"{annotations}: {data_error}{hint}") from exc
-        raise
-    finally:
-        ray.kill(collector)
+    findings = _write_shards(run, records)
 
-    # 4. the manifest: shard list, counts, every skipped or repaired item
-    shards = []
-    for path in s3.list_files(shard_root, settings):
-        if not path.endswith(".parquet"):
-            continue
-        inner = s3.arrow_filesystem(path, settings)[1]
-        with fs.open_input_file(inner) as f:
-            num_rows = pq.ParquetFile(f).metadata.num_rows
-        shards.append({"path": f"{shard_dir}/{path.rsplit('/', 1)[-1]}", "num_rows": num_rows})
-    issues = [i.to_json() for i in parsed.issues]
+    shards = _list_shards(run)
     bad = [f for f in findings if "bad" in f]
-    for f in bad:
-        issues.append(Issue(f["bad"], f["reason"], image_id=f["image_id"], file_name=f["file_name"]).to_json())
-    conversions = [f for f in findings if "bad" not in f]
+    issues = _issues(parsed, bad)
     written = sum(s["num_rows"] for s in shards)
-    counts = {
-        **{f"json_{k}": v for k, v in parsed.counts.items()},
-        "images_written": written,
-        "images_skipped": len(bad),
-        "annotations_dropped": parsed.counts["degenerate"] + parsed.counts["outside"],
-        "mode_converted": dict(sorted(Counter(f["mode"] for f in conversions if f["mode"] != "RGB").items())),
-        "exif_transposed": sum(1 for f in conversions if f["exif_transposed"]),
-        "issues": _issue_counts(issues),
-    }
-    if written != len(records) - len(bad):
-        s3.delete_prefix(shard_root, settings)
-        raise DataError(f"{shard_root}: wrote {written} rows, expected {len(records) - len(bad)}")
-    if written == 0:
-        s3.delete_prefix(shard_root, settings)
-        raise DataError(f"{annotations}: every image was skipped as bad; nothing to write (see the reasons above)")
-    manifest = {
-        "format": FORMAT,
-        "run_id": run_id,
-        "created_unix": int(started),
-        "source": {"annotations": annotations, "images": images},
-        "categories": parsed.label_map.to_json(),
-        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
-        "shards": shards,
-        "policy": {
-            "on_bad_image": on_bad_image,
-            "empty_images": "kept as pure negatives",
-            "crowd": "iscrowd=1 → crowd_boxes/crowd_labels: ignore regions at evaluation, never training targets",
-            "boxes": "w or h <= 0 dropped (degenerate); partly outside clipped; entirely outside dropped",
-            "image_bytes": "original encoded bytes; EXIF orientation and colour conversion happen at decode time",
-        },
-        "counts": counts,
-        "issues": issues,
-    }
-    s3.write_bytes(s3.join(output, MANIFEST), json.dumps(manifest, indent=1).encode(), settings)
-    if previous is not None and previous.get("run_id") != run_id:
-        for old_dir in {s["path"].split("/", 1)[0] for s in previous.get("shards", [])}:
-            if old_dir.startswith("shards-") and old_dir != shard_dir:
-                s3.delete_prefix(s3.join(output, old_dir), settings)
+    counts = _counts(parsed, written, bad, [f for f in findings if "bad" not in f], issues)
+    _check_written(run, written, len(records) - len(bad))
+    manifest = _manifest(run, parsed, shards, counts, issues)
+    _publish(run, manifest, previous)
     summary = f"{written} images in {len(shards)} shards to {output} ({len(bad)} skipped"
     logger.info("wrote %s, %d annotation issues) in %.1f s", summary, len(parsed.issues), time.time() - started)
     return manifest

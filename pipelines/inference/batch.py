@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import ray
@@ -27,6 +27,7 @@ from cluster import s3
 from cluster.connect import connect_ray
 from pipelines.inference.detector import Prepared, load_model, prepare
 from pipelines.inference.loading import ModelSource, resolve_model
+from retina.data.coco import LabelMap
 from retina.data.transforms import decode_image
 
 logger = logging.getLogger("retina.predict")
@@ -267,6 +268,56 @@ def _write_file(target: str, local: Path) -> None:
     s3.write_bytes(target, local.read_bytes())
 
 
+def _stream_detections(
+    rows: Iterator[dict[str, Any]], det_file: TextIO
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
+    """Write every detection into `det_file` as one JSON list while the rows arrive; return the image rows and the
+    skipped files (both sorted) and the number of detections.
+
+    Streamed entry by entry so the driver never holds all detections of a large folder in memory.
+    """
+    image_rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    num_detections = 0
+    det_file.write("[")
+    first = True
+    for row in rows:
+        if row["error"]:
+            skipped.append({"file_name": row["file_name"], "error": row["error"]})
+            continue
+        image_rows.append(
+            {
+                "id": row["image_id"],
+                "file_name": row["file_name"],
+                "height": row["height"],
+                "width": row["width"],
+            }
+        )
+        for entry in json.loads(row["detections"]):
+            det_file.write(("" if first else ",\n") + json.dumps(entry))
+            first = False
+            num_detections += 1
+    det_file.write("]\n")
+    # Rows arrive in completion order; the outputs are ordered (image ids, file names) for reproducible files.
+    image_rows.sort(key=lambda r: r["id"])
+    skipped.sort(key=lambda r: r["file_name"])
+    return image_rows, skipped, num_detections
+
+
+def _write_outputs(
+    output: str, det_path: Path, summary: PredictSummary, image_rows: list[dict[str, Any]], label_map: LabelMap
+) -> None:
+    """The four output files under `output` (local or s3://); detections.json is copied from its local temp file."""
+    categories = [{"id": i, "name": n} for i, n in zip(label_map.coco_ids, label_map.names, strict=True)]
+    _write_file(s3.join(output, "detections.json"), det_path)
+    s3.write_bytes(
+        s3.join(output, "images.json"),
+        json.dumps({"images": image_rows, "categories": categories}, indent=1).encode(),
+    )
+    s3.write_bytes(s3.join(output, "skipped.json"), json.dumps(summary.skipped, indent=1).encode())
+    s3.write_bytes(s3.join(output, "summary.json"), json.dumps(summary.to_json(), indent=1).encode())
+
+
 def predict(
     model: str,
     images: str,
@@ -289,49 +340,21 @@ def predict(
     connect_ray(dashboard=False)  # Ray Data needs no dashboard
     # The driver needs the label map and input sizes (one small load); actors load their own copies.
     detector = load_model(source, device="cpu", score_threshold=score_threshold)
-    threshold = detector.score_threshold
-    render_root = s3.join(output, "rendered") if render else None
     ds = build_pipeline(
         files,
         source,
         min_size=detector.cfg.input.min_size,
         max_size=detector.cfg.input.max_size,
         score_threshold=score_threshold,
-        render_root=render_root,
+        render_root=s3.join(output, "rendered") if render else None,
         batch_size=batch_size,
         num_actors=num_actors,
         device=device,
     )
-    image_rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    num_detections = 0
     with tempfile.TemporaryDirectory() as tmp:
         det_path = Path(tmp, "detections.json")
         with det_path.open("w") as det_file:
-            det_file.write("[")
-            first = True
-            for row in _rows(ds, files):
-                if row["error"]:
-                    skipped.append({"file_name": row["file_name"], "error": row["error"]})
-                    continue
-                image_rows.append(
-                    {
-                        "id": row["image_id"],
-                        "file_name": row["file_name"],
-                        "height": row["height"],
-                        "width": row["width"],
-                    }
-                )
-                for entry in json.loads(row["detections"]):
-                    det_file.write(("" if first else ",\n") + json.dumps(entry))
-                    first = False
-                    num_detections += 1
-            det_file.write("]\n")
-        image_rows.sort(key=lambda r: r["id"])
-        skipped.sort(key=lambda r: r["file_name"])
-        categories = [
-            {"id": i, "name": n} for i, n in zip(detector.label_map.coco_ids, detector.label_map.names, strict=True)
-        ]
+            image_rows, skipped, num_detections = _stream_detections(_rows(ds, files), det_file)
         summary = PredictSummary(
             len(files),
             len(image_rows),
@@ -339,16 +362,10 @@ def predict(
             skipped,
             output,
             source.describe(),
-            threshold,
+            detector.score_threshold,
             time.time() - started,
         )
-        _write_file(s3.join(output, "detections.json"), det_path)
-        s3.write_bytes(
-            s3.join(output, "images.json"),
-            json.dumps({"images": image_rows, "categories": categories}, indent=1).encode(),
-        )
-        s3.write_bytes(s3.join(output, "skipped.json"), json.dumps(skipped, indent=1).encode())
-        s3.write_bytes(s3.join(output, "summary.json"), json.dumps(summary.to_json(), indent=1).encode())
+        _write_outputs(output, det_path, summary, image_rows, detector.label_map)
     return summary
 
 

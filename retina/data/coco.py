@@ -174,22 +174,19 @@ def _load(source: bytes | str | Mapping[str, Any], name: str) -> Mapping[str, An
     return data
 
 
-def parse_coco(source: bytes | str | Mapping[str, Any], name: str = "annotations") -> ParsedCoco:
-    """Validate a COCO detection file (bytes, text or dict) and return per-image targets.
-
-    `name` is the file's path as the user gave it; every error message starts with it.
-    """
-    data = _load(source, name)
+def _check_sections(data: Mapping[str, Any], name: str) -> None:
+    # The three COCO sections must all be lists before any record is looked at.
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(f"{name}: missing required top-level key '{key}'")
         if not isinstance(data[key], list):
             raise DataError(f"{name}: '{key}' must be a list, got {type(data[key]).__name__}")
-    issues: list[Issue] = []
 
-    # categories
+
+def _parse_categories(entries: list[Any], name: str) -> dict[int, str]:
+    """``categories`` → {COCO id: name}; duplicates and an empty list are errors (no classes, no model)."""
     categories: dict[int, str] = {}
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(entries):
         where = f"{name}: categories[{i}]"
         if not isinstance(cat, dict):
             raise DataError(f"{where}: must be an object")
@@ -201,12 +198,13 @@ def parse_coco(source: bytes | str | Mapping[str, Any], name: str = "annotations
         categories[cid] = cname
     if not categories:
         raise DataError(f"{name}: 'categories' is empty; at least one class is needed")
-    label_map = LabelMap.from_categories([{"id": k, "name": v} for k, v in categories.items()])
-    to_label = {cid: i for i, cid in enumerate(label_map.coco_ids)}
+    return categories
 
-    # images
+
+def _parse_images(entries: list[Any], name: str) -> dict[int, dict[str, Any]]:
+    """``images`` → {image id: working record}; the box lists are filled by `_parse_annotations`."""
     images: dict[int, dict[str, Any]] = {}
-    for i, img in enumerate(data["images"]):
+    for i, img in enumerate(entries):
         where = f"{name}: images[{i}]"
         if not isinstance(img, dict):
             raise DataError(f"{where}: must be an object")
@@ -220,64 +218,104 @@ def parse_coco(source: bytes | str | Mapping[str, Any], name: str = "annotations
         if height <= 0 or width <= 0:
             raise DataError(f"{where}: height/width must be positive, got {height}x{width}")
         images[image_id] = {"file_name": file_name, "height": height, "width": width, "boxes": [], "crowd": []}
+    return images
 
-    # annotations
+
+def _require_bbox(ann: Mapping[str, Any], where: str) -> list[Any]:
+    bbox = _require(ann, "bbox", list, where)
+    # Short-circuit order matters: math.isfinite is only reached for real (non-bool) numbers.
+    if len(bbox) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
+    ):
+        raise DataError(f"{where}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    return bbox
+
+
+def _annotation_fields(
+    ann: Any, where: str, name: str, images: Mapping[int, Any], categories: Mapping[int, str], seen: set[int]
+) -> tuple[int, int, int, int, list[Any]]:
+    """Validate one annotation's structure; return (id, image_id, category_id, iscrowd, bbox).
+
+    Checks run in a fixed order so the first structural problem is the one reported.
+    """
+    if not isinstance(ann, dict):
+        raise DataError(f"{where}: must be an object")
+    ann_id = _require(ann, "id", int, where)
+    where = f"{name}: annotation id {ann_id}"
+    if ann_id in seen:
+        raise DataError(f"{where}: duplicate annotation id")
+    seen.add(ann_id)
+    image_id = _require(ann, "image_id", int, where)
+    where = f"{name}: annotation id {ann_id} (image id {image_id})"
+    if image_id not in images:
+        raise DataError(f"{where}: field 'image_id' names an unknown image")
+    cid = _require(ann, "category_id", int, where)
+    if cid not in categories:
+        raise DataError(f"{where}: field 'category_id' {cid} is not in 'categories'")
+    iscrowd = _require(ann, "iscrowd", int, where)
+    if iscrowd not in (0, 1):
+        raise DataError(f"{where}: field 'iscrowd' must be 0 or 1, got {iscrowd}")
+    area = _require(ann, "area", (int, float), where)
+    if not math.isfinite(area):
+        raise DataError(f"{where}: field 'area' is not finite: {area!r}")
+    return ann_id, image_id, cid, iscrowd, _require_bbox(ann, where)
+
+
+def _fit_box(
+    bbox: list[Any], img: Mapping[str, Any], ref: dict[str, Any], counts: dict[str, int], issues: list[Issue]
+) -> tuple[float, float, float, float] | None:
+    """xywh → xyxy clipped to the image, or None when dropped; every repair or drop is counted and recorded."""
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        counts["degenerate"] += 1
+        issues.append(Issue("degenerate", f"bbox {bbox} has width or height <= 0; dropped", **ref))
+        return None
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
+    if x2 <= x1 or y2 <= y1:
+        counts["outside"] += 1
+        size = f"{img['width']}x{img['height']}"
+        issues.append(Issue("outside", f"bbox {bbox} lies outside the {size} image; dropped", **ref))
+        return None
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        counts["clipped"] += 1
+        clipped = [round(v, 3) for v in (x1, y1, x2 - x1, y2 - y1)]
+        issues.append(Issue("clipped", f"bbox {bbox} clipped to the image: {clipped}", **ref))
+    return x1, y1, x2, y2
+
+
+def _parse_annotations(
+    entries: list[Any],
+    name: str,
+    images: dict[int, dict[str, Any]],
+    categories: Mapping[int, str],
+    label_map: LabelMap,
+    issues: list[Issue],
+) -> dict[str, int]:
+    """Validate every annotation and append its box (or crowd region) to its image; return the counts."""
+    to_label = {cid: i for i, cid in enumerate(label_map.coco_ids)}
     seen_ann: set[int] = set()
     counts = {"annotations": 0, "degenerate": 0, "clipped": 0, "outside": 0, "crowd": 0}
-    for i, ann in enumerate(data["annotations"]):
+    for i, ann in enumerate(entries):
         where = f"{name}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise DataError(f"{where}: must be an object")
-        ann_id = _require(ann, "id", int, where)
-        where = f"{name}: annotation id {ann_id}"
-        if ann_id in seen_ann:
-            raise DataError(f"{where}: duplicate annotation id")
-        seen_ann.add(ann_id)
-        image_id = _require(ann, "image_id", int, where)
-        where = f"{name}: annotation id {ann_id} (image id {image_id})"
-        if image_id not in images:
-            raise DataError(f"{where}: field 'image_id' names an unknown image")
-        cid = _require(ann, "category_id", int, where)
-        if cid not in categories:
-            raise DataError(f"{where}: field 'category_id' {cid} is not in 'categories'")
-        iscrowd = _require(ann, "iscrowd", int, where)
-        if iscrowd not in (0, 1):
-            raise DataError(f"{where}: field 'iscrowd' must be 0 or 1, got {iscrowd}")
-        area = _require(ann, "area", (int, float), where)
-        if not math.isfinite(area):
-            raise DataError(f"{where}: field 'area' is not finite: {area!r}")
-        bbox = _require(ann, "bbox", list, where)
-        if len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
-        ):
-            raise DataError(f"{where}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        ann_id, image_id, cid, iscrowd, bbox = _annotation_fields(ann, where, name, images, categories, seen_ann)
         counts["annotations"] += 1
-
         img = images[image_id]
-        x, y, w, h = (float(v) for v in bbox)
         ref = {"image_id": image_id, "annotation_id": ann_id, "file_name": img["file_name"]}
-        if w <= 0 or h <= 0:
-            counts["degenerate"] += 1
-            issues.append(Issue("degenerate", f"bbox {bbox} has width or height <= 0; dropped", **ref))
+        box = _fit_box(bbox, img, ref, counts, issues)
+        if box is None:
             continue
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
-        if x2 <= x1 or y2 <= y1:
-            counts["outside"] += 1
-            size = f"{img['width']}x{img['height']}"
-            issues.append(Issue("outside", f"bbox {bbox} lies outside the {size} image; dropped", **ref))
-            continue
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            counts["clipped"] += 1
-            clipped = [round(v, 3) for v in (x1, y1, x2 - x1, y2 - y1)]
-            issues.append(Issue("clipped", f"bbox {bbox} clipped to the image: {clipped}", **ref))
-        target = (x1, y1, x2, y2, to_label[cid])
+        target = (*box, to_label[cid])
         if iscrowd:
             counts["crowd"] += 1
             img["crowd"].append(target)
         else:
             img["boxes"].append(target)
+    return counts
 
+
+def _build_records(images: dict[int, dict[str, Any]], counts: dict[str, int]) -> list[ImageRecord]:
+    """Working records → ImageRecords sorted by image id; adds the per-image counts to `counts`."""
     records = []
     counts.update(images=len(images), images_without_annotations=0, images_only_crowd=0)
     for image_id in sorted(images):
@@ -293,6 +331,23 @@ def parse_coco(source: bytes | str | Mapping[str, Any], name: str = "annotations
         records.append(
             ImageRecord(image_id, img["file_name"], img["height"], img["width"], boxes, labels, crowd, crowd_labels)
         )
+    return records
+
+
+def parse_coco(source: bytes | str | Mapping[str, Any], name: str = "annotations") -> ParsedCoco:
+    """Validate a COCO detection file (bytes, text or dict) and return per-image targets.
+
+    `name` is the file's path as the user gave it; every error message starts with it.
+    """
+    data = _load(source, name)
+    _check_sections(data, name)
+    # Categories first: images and annotations are checked against them.
+    categories = _parse_categories(data["categories"], name)
+    label_map = LabelMap.from_categories([{"id": k, "name": v} for k, v in categories.items()])
+    images = _parse_images(data["images"], name)
+    issues: list[Issue] = []
+    counts = _parse_annotations(data["annotations"], name, images, categories, label_map, issues)
+    records = _build_records(images, counts)
     return ParsedCoco(records, label_map, issues, counts)
 
 

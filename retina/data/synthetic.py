@@ -148,41 +148,45 @@ def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, 
     return False
 
 
-def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]]:
-    """One image: (JPEG bytes, height, width, annotations without ids)."""
-    h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+def _draw_objects(rng: np.random.Generator, h: int, w: int) -> list[_Object]:
+    """The unplaced objects of one image: maybe a crowd group, then 1..MAX_OBJECTS shapes of random classes."""
     names = {cid: name for cid, name, _ in CATEGORIES}
     ids = np.array([cid for cid, _, _ in CATEGORIES])
     probs = np.array([p for _, _, p in CATEGORIES])
-
     objects: list[_Object] = []
-    placed: list[tuple[int, int, int, int]] = []
-    if rng.random() >= EMPTY_FRACTION:
-        wanted = int(rng.integers(1, MAX_OBJECTS + 1))
-        if rng.random() < CROWD_FRACTION:
-            objects.append(_Object(CROWD_CATEGORY_ID, _crowd_mask(rng, rng.uniform(30, 60)), 0, 0, crowd=True))
-        for _ in range(wanted):
-            cid = int(rng.choice(ids, p=probs))
-            max_extent = MAX_OBJECT_FRACTION * min(h, w)
-            extent = math.exp(rng.uniform(math.log(MIN_OBJECT), math.log(max_extent)))
-            objects.append(_Object(cid, _shape_mask(names[cid], extent, rng), 0, 0))
-        # Place large objects first so that small ones fill the gaps; drop what does not fit after 30 tries.
-        objects.sort(key=lambda o: -o.mask.size)
-        kept = []
-        for obj in objects:
-            mh, mw = obj.mask.shape
-            for _ in range(30):
-                top, left = int(rng.integers(0, h - mh + 1)), int(rng.integers(0, w - mw + 1))
-                box = (left, top, left + mw, top + mh)
-                if not _overlaps(box, placed):
-                    obj.top, obj.left = top, left
-                    placed.append(box)
-                    kept.append(obj)
-                    break
-        objects = kept
-        # Draw in random depth order: which object hides which is not tied to size.
-        objects = [objects[i] for i in rng.permutation(len(objects))]
+    wanted = int(rng.integers(1, MAX_OBJECTS + 1))
+    if rng.random() < CROWD_FRACTION:
+        objects.append(_Object(CROWD_CATEGORY_ID, _crowd_mask(rng, rng.uniform(30, 60)), 0, 0, crowd=True))
+    for _ in range(wanted):
+        cid = int(rng.choice(ids, p=probs))
+        max_extent = MAX_OBJECT_FRACTION * min(h, w)
+        extent = math.exp(rng.uniform(math.log(MIN_OBJECT), math.log(max_extent)))
+        objects.append(_Object(cid, _shape_mask(names[cid], extent, rng), 0, 0))
+    return objects
 
+
+def _place_objects(rng: np.random.Generator, objects: list[_Object], h: int, w: int) -> list[_Object]:
+    """Give each object a position that overlaps the others at most MAX_OVERLAP; return them in depth order."""
+    # Place large objects first so that small ones fill the gaps; drop what does not fit after 30 tries.
+    objects.sort(key=lambda o: -o.mask.size)
+    placed: list[tuple[int, int, int, int]] = []
+    kept = []
+    for obj in objects:
+        mh, mw = obj.mask.shape
+        for _ in range(30):
+            top, left = int(rng.integers(0, h - mh + 1)), int(rng.integers(0, w - mw + 1))
+            box = (left, top, left + mw, top + mh)
+            if not _overlaps(box, placed):
+                obj.top, obj.left = top, left
+                placed.append(box)
+                kept.append(obj)
+                break
+    # Draw in random depth order: which object hides which is not tied to size.
+    return [kept[i] for i in rng.permutation(len(kept))]
+
+
+def _paint(rng: np.random.Generator, objects: list[_Object], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Background + objects + noise → (uint8 pixels, owner map: index of the object visible per pixel or -1)."""
     image = _background(rng, h, w)
     owner = np.full((h, w), -1, dtype=np.int32)  # index of the object visible at each pixel, -1 background
     for i, obj in enumerate(objects):
@@ -192,8 +196,11 @@ def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]
         image[region][obj.mask] = _contrasting_colour(rng, bg_mean)
         owner[region][obj.mask] = i
     image += rng.standard_normal(size=image.shape, dtype=np.float32) * 6  # sensor-like noise, objects included
-    pixels = np.clip(image, 0, 255).astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8), owner
 
+
+def _visible_annotations(objects: list[_Object], owner: np.ndarray) -> list[dict]:
+    """The tight box of what each object still shows after occlusion (the box a labeller would draw)."""
     annotations = []
     for i, obj in enumerate(objects):
         mh, mw = obj.mask.shape
@@ -211,6 +218,18 @@ def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]
                 "iscrowd": int(obj.crowd),
             }
         )
+    return annotations
+
+
+def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]]:
+    """One image: (JPEG bytes, height, width, annotations without ids)."""
+    # The order of the rng draws below is what makes a seed reproduce the same dataset: keep it.
+    h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    objects: list[_Object] = []
+    if rng.random() >= EMPTY_FRACTION:
+        objects = _place_objects(rng, _draw_objects(rng, h, w), h, w)
+    pixels, owner = _paint(rng, objects, h, w)
+    annotations = _visible_annotations(objects, owner)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue(), h, w, annotations
