@@ -21,6 +21,13 @@ TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_IMAGES_PER_S = "train/images_per_s"
 TRAIN_EPOCH = "train/epoch"
 TRAIN_EPOCH_IMAGES_PER_S = "train/epoch_images_per_s"
+TRAIN_WORLD_SIZE = "train/world_size"  # workers in the group now (elastic runs change it)
+TRAIN_GLOBAL_BATCH = "train/global_batch"  # images per optimizer step now: per-worker batch x world size
+CHECKPOINT_SECONDS = "checkpoint/seconds"  # how long the ranks waited for rank 0 to write (and, sync, upload) it
+# Every checkpoint's score for Ray's retention: val/AP for an evaluated checkpoint, -1 for a step checkpoint (so
+# Ray keeps the best evaluated ones plus the latest, and never scores a checkpoint by a missing key).
+CHECKPOINT_SCORE = "checkpoint/score"
+STEP_CHECKPOINT_SCORE = -1.0
 STEP = "step"  # optimizer steps done, in every report
 EPOCH = "epoch"  # epochs completed; Tune's ASHA counts time in it
 

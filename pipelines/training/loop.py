@@ -1,12 +1,20 @@
 """The per-worker training loop that Ray Train runs on every DDP worker (`train_func`).
 
 Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → for each epoch: train
-one epoch, then evaluate, checkpoint and report when due (every ``train.eval_every_epochs`` and at the end).
+one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes`` say so, or a node is
+about to be preempted), then evaluate, checkpoint and report when due (every ``train.eval_every_epochs`` and at
+the end).
 
-Collectives per step: one all-reduce of a 2-flag tensor [non-finite loss or gradient, out of data]. It makes
-every rank stop together, both on a non-finite loss (no rank steps the optimizer with NaN gradients, so no
-checkpoint can hold NaN weights) and when one rank's data part ends first (no rank waits forever in a DDP
-gradient all-reduce that the others never join).
+Collectives per step: one all-reduce of a 3-flag tensor [non-finite loss or gradient, out of data, checkpoint
+due]. It makes every rank stop together, both on a non-finite loss (no rank steps the optimizer with NaN
+gradients, so no checkpoint can hold NaN weights) and when one rank's data part ends first (no rank waits forever
+in a DDP gradient all-reduce that the others never join), and every rank checkpoint together (rank 0's clock
+decides a time-based checkpoint). Once per log interval all ranks also ask Ray whether a node of the group is
+being preempted (``ray.train.get_preemption_info``, a barrier).
+
+Batch and lr when the world size changes (elastic runs): every worker keeps the per-worker batch of the full
+group (``data.batch_size / scaling.num_workers``), so the global batch is that times the workers present, and
+the lr follows it by the linear scaling rule; see docs/cluster.md.
 
 A non-finite loss ends the run without raising: a raise would make Ray Train restart the workers from the
 last checkpoint (FailureConfig), which replays the same steps into the same NaN. Instead every rank returns
@@ -49,6 +57,8 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
     last_train: dict[str, float] = field(default_factory=dict)  # the latest log window's metrics
+    last_checkpoint_time: float = field(default_factory=time.monotonic)  # rank 0's clock
+    preemption_saved: bool = False  # a just-in-time checkpoint was taken for the preemption under way
 
 
 @dataclass
@@ -67,6 +77,15 @@ class Worker:
     @property
     def labels(self) -> LabelMap:
         return LabelMap.from_json(self.label_map)
+
+    @property
+    def per_worker_batch(self) -> int:
+        """The full group's per-worker batch, kept whatever the world size (see the module docstring)."""
+        return self.cfg.data.batch_size // self.cfg.scaling.num_workers
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_worker_batch * self.world
 
     def ground_truth(self) -> dict[str, Any]:
         """The val split's COCO ground truth, read once (rank 0 asks for it at each evaluation)."""
@@ -93,7 +112,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir)
         model.load_state_dict(state.model)
-    parts = TrainingParts.build(model, cfg.train, cfg.data.batch_size)
+    parts = TrainingParts.build(model, cfg.train, w.global_batch)
     progress = Progress()
     if state is not None:
         parts.restore(state)
@@ -103,12 +122,14 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     if progress.step >= cfg.train.max_steps:
         logger.info("rank %d: the run already finished (step %d of %d)", w.rank, progress.step, cfg.train.max_steps)
         return {names.STEP: progress.step}
+    # every (re)start logs the group it trains with: a run's history shows each resize
+    tracker.log_metrics({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    window = MetricWindow(parts.device, w.world, cfg.data.batch_size)
+    window = MetricWindow(parts.device, w.world, w.global_batch)
     while progress.step < cfg.train.max_steps:
-        batches = train_data.iter_torch_batches(batch_size=cfg.data.batch_size // w.world, collate_fn=collate,
+        batches = train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate,
                                                 drop_last=True)  # fmt: skip
         epoch_start, start_step = time.perf_counter(), progress.step
         diverged = train_one_epoch(parts, batches, w, progress, window)
@@ -117,7 +138,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             return {names.NONFINITE_KEY: diverged, names.STEP: progress.step}
         progress.epoch += 1
         if progress.epoch % cfg.train.eval_every_epochs == 0 or progress.step >= cfg.train.max_steps:
-            epoch_rate = (progress.step - start_step) * cfg.data.batch_size / (time.perf_counter() - epoch_start)
+            epoch_rate = (progress.step - start_step) * w.global_batch / (time.perf_counter() - epoch_start)
             val_batches = val_data.iter_torch_batches(batch_size=cfg.data.val_batch_size, collate_fn=collate)
             evaluate_and_report(parts, val_batches, w, progress, epoch_rate)
     return {names.STEP: progress.step}
@@ -126,16 +147,18 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 def train_one_epoch(
     parts: TrainingParts, batches: Any, w: Worker, progress: Progress, window: MetricWindow
 ) -> str | None:
-    """Step through this rank's part of one epoch (or until train.max_steps); log every train.log_every steps.
-
-    Returns None, or the non-finite-loss message when any rank's loss or gradient stopped being finite."""
+    """Step through this rank's part of one epoch (or until train.max_steps); log every train.log_every steps and
+    checkpoint when due. Returns None, or the non-finite-loss message when any rank's loss or gradient stopped
+    being finite."""
     t = w.cfg.train
     parts.model.train()
-    for batch, is_last in _look_ahead(batches, parts.device, progress.epoch, w.cfg.data.batch_size):
+    for batch, is_last in _look_ahead(batches, parts.device, progress.epoch, w.global_batch):
         w.faults.maybe_fail(progress.step, w.rank, w.world)
         result = forward_backward(parts, batch, inject_nan=progress.step == w.faults.nan_at_step)
-        # The step's one collective: stop on a non-finite value anywhere, or when any rank's data part ends.
-        flags = all_reduce(torch.stack([result.bad.float(), torch.tensor(float(is_last), device=parts.device)]))
+        # The step's one collective: stop on a non-finite value anywhere, when any rank's data part ends, and
+        # checkpoint after this step when it is due by steps or by rank 0's clock.
+        host = torch.tensor([float(is_last), float(_checkpoint_due(w, progress))], device=parts.device)
+        flags = all_reduce(torch.cat([result.bad.float().reshape(1), host]))  # [non-finite, out of data, ckpt]
         if bool(flags[0]):
             message = _nonfinite_message(progress.step, result)
             logger.error("rank %d: %s", w.rank, message)
@@ -143,15 +166,55 @@ def train_one_epoch(
         apply_update(parts)
         progress.step += 1
         window.add(result)
+        preempted = False
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
             progress.last_train = window.flush(parts.lr, progress.epoch + 1, t.grad_clip > 0)
             w.tracker.log_metrics(progress.last_train, progress.step)
             if w.rank == 0:
                 logger.info("step %d/%d %s", progress.step, t.max_steps,
                             " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in progress.last_train.items()))  # fmt: skip
+            preempted = _preemption_notice(progress)
+        if (bool(flags[2]) or preempted) and progress.step < t.max_steps:  # the last step is evaluated anyway
+            checkpoint_and_report(parts, w, progress)
         if progress.step >= t.max_steps or bool(flags[1]):
             return None
     return None
+
+
+def _checkpoint_due(w: Worker, progress: Progress) -> bool:
+    """Whether the step about to be taken completes a checkpoint interval (steps, or minutes on rank 0's clock)."""
+    r = w.cfg.run
+    by_steps = r.checkpoint_every_steps > 0 and (progress.step + 1) % r.checkpoint_every_steps == 0
+    by_time = (
+        w.rank == 0
+        and r.checkpoint_every_minutes > 0
+        and (time.monotonic() - progress.last_checkpoint_time >= 60 * r.checkpoint_every_minutes)
+    )
+    return by_steps or by_time
+
+
+def _preemption_notice(progress: Progress) -> bool:
+    """True once per preemption: Ray reports a node of this group draining for preemption (a barrier: every rank
+    asks at the same step). The just-in-time checkpoint then saves the work up to here before the node goes."""
+    info = ray.train.get_preemption_info()
+    if info is None:
+        progress.preemption_saved = False
+        return False
+    if progress.preemption_saved:
+        return False
+    logger.warning("preemption notice: %s; checkpointing at step %d", info, progress.step)
+    progress.preemption_saved = True
+    return True
+
+
+def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress) -> None:
+    """A step checkpoint between evaluations: the training metrics, no val/AP (scored below every evaluated one)."""
+    metrics = {**progress.last_train, names.STEP: progress.step, names.EPOCH: progress.epoch,
+               names.CHECKPOINT_SCORE: names.STEP_CHECKPOINT_SCORE}  # fmt: skip
+    state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, {}) if w.rank == 0 else None
+    seconds = report(metrics, state, async_upload=w.cfg.run.async_upload)
+    progress.last_checkpoint_time = time.monotonic()
+    w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
 
 
 def _look_ahead(
@@ -202,15 +265,21 @@ def evaluate_and_report(
     metrics = {
         **progress.last_train,
         **result.metrics(),
+        names.CHECKPOINT_SCORE: result.metrics().get(names.VAL_AP, names.STEP_CHECKPOINT_SCORE),
         names.STEP: progress.step,
         names.EPOCH: progress.epoch,
         names.TRAIN_EPOCH_IMAGES_PER_S: epoch_images_per_s,
         names.VAL_SECONDS: time.perf_counter() - eval_start,
     }
+    async_upload = w.cfg.run.async_upload
     if w.rank != 0:
-        report(metrics, None)
+        report(metrics, None, async_upload=async_upload)
+        progress.last_checkpoint_time = time.monotonic()
         return
     log_evaluation(w.tracker, result, metrics, progress.step, progress.epoch, w.labels)
-    report(metrics, parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, result.metrics()))
+    state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, result.metrics())
+    seconds = report(metrics, state, async_upload=async_upload)
+    progress.last_checkpoint_time = time.monotonic()
+    w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
     logger.info("epoch %d step %d: %s", progress.epoch, progress.step,
                 {k: round(v, 4) for k, v in result.metrics().items()})  # fmt: skip

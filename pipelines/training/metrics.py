@@ -41,6 +41,8 @@ class MetricWindow:
             names.TRAIN_LR: lr,
             names.TRAIN_IMAGES_PER_S: self.steps * self.global_batch / max(elapsed, 1e-9),
             names.TRAIN_EPOCH: epoch,
+            names.TRAIN_WORLD_SIZE: self.world,
+            names.TRAIN_GLOBAL_BATCH: self.global_batch,
         }
         if with_grad_norm:
             metrics[names.TRAIN_GRAD_NORM] = float(means[3])

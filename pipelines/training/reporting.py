@@ -4,6 +4,7 @@ calls ``ray.train.report`` (a barrier: a rank that skipped it would hang the oth
 from __future__ import annotations
 
 import tempfile
+import time
 from typing import Any
 
 import ray.train
@@ -16,14 +17,28 @@ from retina.data.coco import LabelMap
 from retina.evaluation import agnostic_line, agnostic_metrics, per_class_metrics, per_class_rows, per_class_table
 
 
-def report(metrics: dict[str, Any], state: TrainState | None) -> None:
-    """Every rank reports `metrics`; rank 0 (the one with a `state`) attaches the checkpoint it writes."""
+def report(metrics: dict[str, Any], state: TrainState | None, *, async_upload: bool) -> float:
+    """Every rank reports `metrics`; rank 0 (the one with a `state`) attaches the checkpoint it writes.
+
+    With `async_upload` the copy to storage runs in Ray's background thread: the ranks wait (at the report's
+    barrier) only for rank 0's local write. Ray registers the checkpoint, i.e. makes it the one a restart
+    resumes from, only after its upload finished, so a half-uploaded checkpoint is never taken as the latest.
+    Returns the seconds this call took (the stall it caused on this rank)."""
+    start = time.perf_counter()
+    mode = ray.train.CheckpointUploadMode.ASYNC if async_upload else ray.train.CheckpointUploadMode.SYNC
     if state is None:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as ckpt_dir:
-        save_checkpoint(ckpt_dir, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
+        return time.perf_counter() - start
+    # Not a TemporaryDirectory: an asynchronous upload reads it after this function returns; Ray deletes it.
+    directory = tempfile.mkdtemp(prefix="retina-checkpoint-")
+    save_checkpoint(directory, state)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(directory),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+    return time.perf_counter() - start
 
 
 def log_evaluation(

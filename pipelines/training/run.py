@@ -28,6 +28,7 @@ from pipelines.data.sample import ensure_sample_data
 from pipelines.data.shards import check_shards
 from pipelines.tracking import plots, store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
+from pipelines.training.capacity import check_capacity
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
@@ -66,6 +67,7 @@ def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
     and the shards' checks; returns the config to hand on and the label map (JSON form)."""
     cfg = with_absolute_paths(cfg)
     connect_ray(cpus_needed=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    check_capacity(cfg.scaling, cfg.run.storage_path)  # fail fast, not a job that waits forever
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars drown the step logs
     ensure_sample_data(cfg.data)
     return cfg, check_shards(cfg.data, cfg.model.num_classes).to_json()

@@ -55,7 +55,8 @@ class TrainingParts:
 
     @classmethod
     def build(cls, model: RetinaNet, train: TrainConfig, global_batch: int) -> TrainingParts:
-        """`model` already holds any restored weights: prepare_model moves it and wraps it in DDP (world > 1)."""
+        """`model` already holds any restored weights: prepare_model moves it and wraps it in DDP (world > 1).
+        `global_batch`: the images of one optimizer step in this worker group (the lr scales with it)."""
         device = ray.train.torch.get_device()
         ddp_model = ray.train.torch.prepare_model(LossModule(model))
         optimizer = build_optimizer(model, train, global_batch)
@@ -65,11 +66,17 @@ class TrainingParts:
         return cls(model, ddp_model, optimizer, scheduler, scaler, device, train, params)
 
     def restore(self, state: TrainState) -> None:
-        """Optimizer, schedule and scaler as the checkpoint left them (the lr continues at its step)."""
+        """Optimizer, schedule and scaler as the checkpoint left them: the lr continues at its step, scaled for
+        this group's global batch (an elastic run may come back with another world size than it saved with)."""
+        base_lrs = list(self.scheduler.base_lrs)  # the linear-scaling rule's lr for this group
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
+        self.scheduler.base_lrs = base_lrs
+        for group, base, lr in zip(self.optimizer.param_groups, base_lrs, self.scheduler.get_lr(), strict=True):
+            group["initial_lr"], group["lr"] = base, lr
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state(self, step: int, epoch: int, config: dict, label_map: list[dict], metrics: dict) -> TrainState:
         return TrainState(

@@ -10,7 +10,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.storage import storage_location
 from pipelines.config import Config
-from pipelines.names import VAL_AP
+from pipelines.names import CHECKPOINT_SCORE, VAL_AP
 from pipelines.training.checkpoint import TrainState, load_checkpoint
 from pipelines.training.loop import train_func
 
@@ -42,23 +42,31 @@ def build_trainer(
 
     `callbacks`: Ray Train run callbacks (a search trial adds Tune's reporting bridge)."""
     storage_path, filesystem, _ = storage_location(cfg.run.storage_path)
-    sc = cfg.scaling
+    sc, run = cfg.scaling, cfg.run
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {}), **sc.resources_per_worker}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+            # (min, max): Ray starts once `min` fit, and every resize restarts the group from the latest checkpoint
+            num_workers=(sc.min_workers, sc.num_workers) if sc.elastic else sc.num_workers,
+            elastic_resize_monitor_interval_s=sc.resize_interval_s,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name,
+            name=run.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
+            # Ray keeps the num_to_keep best by score plus the latest: the best evaluated checkpoints (score =
+            # val/AP) and the newest step checkpoint (score -1), whatever its age.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute=VAL_AP, checkpoint_score_order="max"
+                num_to_keep=run.num_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order="max"
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=run.max_failures, max_preemption_failures=run.max_preemption_failures
+            ),
             callbacks=callbacks or None,
         ),
         datasets=datasets,
