@@ -20,6 +20,7 @@ KINDS = ("uniform", "loguniform", "choice", "fixed")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
+@dataclass
 class SearchDimConfig:
     """One hyperparameter of the search (ranges checked by `validate_tuning` before any trial starts)."""
 
