@@ -331,12 +331,17 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, cls: 
 def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
     """Only the ``model`` section of a run config (for code that builds a model without Ray or MLflow).
 
-    `overrides` are dotted keys inside the model section (``head.prior=0.5``)."""
-    section = read_yaml(path).get("model") or {}
+    `overrides` are dotted keys inside the model section (``head.prior=0.5``); errors name ``model.<key>``."""
+    merged = dict(read_yaml(path).get("model") or {})
     try:
-        return config_from_dict(section, overrides, cls=ModelConfig)
+        for text in overrides:
+            key, value = parse_override(text)
+            merged = _merge(merged, _nest(key, value))
+        cfg = _from_dict(ModelConfig, merged, "model")
+        cfg.check()
     except ConfigError as exc:
-        raise ConfigError(f"{path}: model.{exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,8 +16,8 @@ SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 @pytest.fixture(scope="session")
 def smoke_data(ray_local, tmp_path_factory) -> dict[str, str]:
     """The smoke config's synthetic data, generated + prepared once (idempotent if several modules import this)."""
-    from pipelines.sample_data import ensure_sample_data
-    from retina.config import load_config
+    from pipelines.config import load_config
+    from pipelines.data.sample import ensure_sample_data
 
     root = tmp_path_factory.getbasetemp() / "smoke-data"
     paths = {"root": str(root), "train_shards": str(root / "shards/train"), "val_shards": str(root / "shards/val")}

@@ -17,6 +17,9 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            # always a new local instance: never join another Ray found on the machine (a second test session's,
+            # a simulated multi-node cluster's), whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster says
+            address="local",
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

@@ -73,6 +73,10 @@ class TuningConfig:
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 2  # ASHA: keeps the best 1/reduction_factor at each rung
     driver_cpus: float = 0.25  # the trial's own process (it only drives a TorchTrainer)
+    # Extra Ray resources a trial's driver asks for, to keep it on nodes that are never preempted: a trial's driver
+    # also hosts its Train controller and its data-split coordinators, so losing its node ends the whole trial.
+    # E.g. {"head": 0.01} with `resources: {"head": 100}` on the head node (docs/cluster.md).
+    driver_resources: dict[str, float] = field(default_factory=dict)
     max_failures: int = 0  # Tune-level retries of a failed trial (worker failures: run.max_failures)
     gamma: GammaSearchConfig = field(default_factory=GammaSearchConfig)
     alpha: AlphaSearchConfig = field(default_factory=AlphaSearchConfig)
@@ -140,6 +144,7 @@ def validate_tuning(t: TuningConfig) -> None:
     rc.require(t.grace_period >= 1, "tuning.grace_period", "must be >= 1 (epochs)")
     rc.require(t.reduction_factor >= 2, "tuning.reduction_factor", "must be >= 2")
     rc.require(t.driver_cpus > 0, "tuning.driver_cpus", "must be > 0 (a Tune trial needs some resource)")
+    rc.require(all(v > 0 for v in t.driver_resources.values()), "tuning.driver_resources", "must be > 0")
     rc.require(t.max_failures >= -1, "tuning.max_failures", "must be >= 0 (or -1: retry forever)")
     for name in RANGE_RULES:
         _check_dimension(name, getattr(t, name), grid=t.search_alg == "grid")

@@ -41,6 +41,14 @@ class RunLogger:
             self._last_step[key] = int(step)
         log_metric_batch(self._client, self.run_id, batch)
 
+    def log_events(self, metrics: Mapping[str, float], step: int) -> None:
+        """Values that describe an attempt rather than a point of a curve (the world size each (re)start trains
+        with): logged even at a step the run already holds, so a run's history shows every restart and resize."""
+        if self.enabled:
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if math.isfinite(v)]
+            log_metric_batch(self._client, self.run_id, batch)
+
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:
             self._client.log_dict(self.run_id, data, artifact_file)

@@ -18,6 +18,15 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.MAX) -> torch.
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP sends them at the start of each training
+    forward, but the last forward updates each rank's copy from its own batch: without this, the ranks would
+    evaluate with different statistics than the checkpoint holds (rank 0's)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's `obj`, in rank order."""
     if not is_distributed():

@@ -39,7 +39,7 @@ from pipelines.data.datasets import make_collate_fn
 from pipelines.data.shards import coco_gt_from_shards
 from pipelines.tracking.logger import RunLogger
 from pipelines.training.checkpoint import load_checkpoint
-from pipelines.training.distributed import all_gather_objects, all_reduce
+from pipelines.training.distributed import all_gather_objects, all_reduce, broadcast_buffers
 from pipelines.training.evaluation import evaluate
 from pipelines.training.faults import Faults
 from pipelines.training.metrics import MetricWindow
@@ -123,7 +123,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         logger.info("rank %d: the run already finished (step %d of %d)", w.rank, progress.step, cfg.train.max_steps)
         return {names.STEP: progress.step}
     # every (re)start logs the group it trains with: a run's history shows each resize
-    tracker.log_metrics({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
+    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -175,7 +175,8 @@ def train_one_epoch(
                             " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in progress.last_train.items()))  # fmt: skip
             preempted = _preemption_notice(progress)
         if (bool(flags[2]) or preempted) and progress.step < t.max_steps:  # the last step is evaluated anyway
-            checkpoint_and_report(parts, w, progress)
+            # a just-in-time checkpoint is uploaded before training goes on: the node may be gone any second
+            checkpoint_and_report(parts, w, progress, async_upload=w.cfg.run.async_upload and not preempted)
         if progress.step >= t.max_steps or bool(flags[1]):
             return None
     return None
@@ -207,12 +208,12 @@ def _preemption_notice(progress: Progress) -> bool:
     return True
 
 
-def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress) -> None:
+def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress, *, async_upload: bool) -> None:
     """A step checkpoint between evaluations: the training metrics, no val/AP (scored below every evaluated one)."""
     metrics = {**progress.last_train, names.STEP: progress.step, names.EPOCH: progress.epoch,
                names.CHECKPOINT_SCORE: names.STEP_CHECKPOINT_SCORE}  # fmt: skip
     state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, {}) if w.rank == 0 else None
-    seconds = report(metrics, state, async_upload=w.cfg.run.async_upload)
+    seconds = report(metrics, state, async_upload=async_upload)
     progress.last_checkpoint_time = time.monotonic()
     w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
 
@@ -253,6 +254,7 @@ def evaluate_and_report(
     """Evaluate on the val split (all ranks), then report the metrics; rank 0 logs them and the checkpoint."""
     eval_start = time.perf_counter()
     final = progress.step >= w.cfg.train.max_steps
+    broadcast_buffers(parts.model)  # every rank evaluates the model the checkpoint holds
     result = evaluate(
         parts.model,
         val_batches,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from s3_server import s3_server  # noqa: F401  (session fixture, found by name)
 
 from cluster import s3
-from pipelines.data import build_dataset, coco_gt_from_shards, load_manifest, make_collate_fn
-from pipelines.prepare_data import BadImageError, prepare
+from pipelines.data.datasets import build_dataset, make_collate_fn
+from pipelines.data.prepare import BadImageError, prepare
+from pipelines.data.shards import MANIFEST, coco_gt_from_shards, load_manifest
 from retina.data.synthetic import generate
+from tests.s3_server import s3_server  # noqa: F401  (session fixture, found by name)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_prepare_from_s3_to_s3_then_train_batches(ray_local, s3_server, tmp_path
     manifest = prepare(f"{bucket}/raw/annotations.json", f"{bucket}/raw/images", out, on_bad_image="skip")
     assert manifest["counts"]["images_written"] == 9 and manifest["counts"]["issues"] == {"missing": 1}
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="prepared/train/")["Contents"]}
-    assert "prepared/train/manifest.json" in keys
+    assert f"prepared/train/{MANIFEST}" in keys
     assert {f"prepared/train/{s['path']}" for s in manifest["shards"]} <= keys
     assert load_manifest(out)["run_id"] == manifest["run_id"]
 

@@ -7,20 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from retina.config import ConfigError, load_config
-from tuning import search, space
-from tuning.trial import TrialNamer, trial_number
+from pipelines.training.faults import Faults
+from retina.config import ConfigError
+from tuning import experiment, space
+from tuning.config import SearchConfig, load_search_config, validate_tuning
+from tuning.trial import TrialNamer, TrialSetup, trial_config, trial_number
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
 
 
-def cfg_with(*overrides: str):
-    return load_config(SMOKE, list(overrides))
+def cfg_with(*overrides: str) -> SearchConfig:
+    return load_search_config(SMOKE, list(overrides))
 
 
 def test_default_space_is_the_issue_s():
     t = cfg_with().tuning
-    space.validate_tuning(cfg_with())
+    validate_tuning(t)
     assert [d.name for d in space.searched(t)] == ["gamma", "alpha", "prior"]  # lr is fixed unless asked for
     assert (t.gamma.kind, t.gamma.low, t.gamma.high) == ("uniform", 0.0, 5.0)
     assert (t.alpha.kind, t.alpha.low, t.alpha.high) == ("uniform", 0.1, 0.9)
@@ -51,10 +53,9 @@ def test_default_space_is_the_issue_s():
     ],
 )
 def test_invalid_spaces_are_rejected_naming_the_key(overrides, key):
-    cfg = cfg_with(*overrides)
     with pytest.raises(ConfigError) as err:
-        space.validate_tuning(cfg)
-    assert str(err.value).startswith(key + ":" if key != "tuning" else "tuning:"), str(err.value)
+        cfg_with(*overrides)  # the space is checked when the config loads
+    assert str(err.value).startswith(f"{SMOKE}: {key}:"), str(err.value)
 
 
 def test_unknown_tuning_key_is_a_config_error():
@@ -64,21 +65,33 @@ def test_unknown_tuning_key_is_a_config_error():
 
 def test_alpha_choice_may_disable_alpha_weighting():
     cfg = cfg_with("tuning.alpha.kind=choice", "tuning.alpha.values=[-1, 0.25, 0.5]")
-    space.validate_tuning(cfg)
     trial = space.apply_hyperparameters(cfg, {"alpha": -1.0, "gamma": 0.0, "prior": 0.05})
     assert trial.model.loss.alpha == -1.0 and trial.model.loss.gamma == 0.0 and trial.model.head.prior == 0.05
 
 
 def test_cli_rejects_an_invalid_space_before_ray_starts(capsys, monkeypatch):
-    import pipelines.train
+    import cluster.connect
+    import pipelines.training.run
+    from pipelines.cli import EXIT_BAD_INPUT
+    from tuning import search
 
     # Other tests may already have a Ray session in this process, so watch for the connection attempt itself.
     connects = []
-    monkeypatch.setattr(search, "connect_ray", lambda cfg: connects.append(cfg))
-    monkeypatch.setattr(pipelines.train, "connect_ray", lambda cfg: connects.append(cfg))
-    assert search.main(["--config", SMOKE, "--set", "tuning.prior.high=1.5"]) == 2
-    assert "tuning.prior.high" in capsys.readouterr().err
+    monkeypatch.setattr(cluster.connect, "connect_ray", lambda **kw: connects.append(kw))
+    monkeypatch.setattr(pipelines.training.run, "connect_ray", lambda **kw: connects.append(kw))
+    assert search.main(["--config", SMOKE, "--set", "tuning.prior.high=1.5"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("search: error: ") and "tuning.prior.high" in err
     assert connects == []
+
+
+def test_command_line_flags_override_the_tuning_section():
+    from tuning import search
+
+    args = search.parse_args(["--config", SMOKE, "--set", "tuning.num_samples=5", "--num-samples", "2",
+                              "--scheduler", "none"])  # fmt: skip
+    cfg = cfg_with(*search.overrides_from_args(args))
+    assert cfg.tuning.num_samples == 2 and cfg.tuning.scheduler == "none"  # the flags win over --set
 
 
 def test_apply_hyperparameters_sets_the_training_keys():
@@ -87,8 +100,20 @@ def test_apply_hyperparameters_sets_the_training_keys():
     assert (trial.model.loss.gamma, trial.model.loss.alpha, trial.model.head.prior) == (1.5, 0.3, 0.02)
     assert trial.train.base_lr == 0.005
     assert cfg.model.loss.gamma == 2.0  # the base config is untouched
+    assert type(trial) is type(cfg) and trial.tuning == cfg.tuning  # a deep copy of the same kind of config
+    trial.model.anchors.sizes.append(1024.0)
+    assert len(cfg.model.anchors.sizes) == 5  # nothing shared with the base
     with pytest.raises(ConfigError, match="model.head.prior"):
         space.apply_hyperparameters(cfg, {"prior": 1.0})
+
+
+def test_trial_config_is_the_trial_s_own_train_run():
+    cfg = cfg_with()
+    setup = TrialSetup(cfg, "/runs/search/trials", "sqlite:///x.db", "exp", "parent", [], Faults())
+    trial = trial_config(setup, {"gamma": 1.0, "alpha": 0.5, "prior": 0.1}, "trial_001_ab12")
+    assert (trial.run.name, trial.run.storage_path) == ("trial_001_ab12", "/runs/search/trials")
+    assert (trial.model.loss.gamma, trial.model.loss.alpha, trial.model.head.prior) == (1.0, 0.5, 0.1)
+    assert cfg.run.name == "smoke" and cfg.model.loss.gamma == 2.0
 
 
 def _suggestions(cfg, n: int) -> list[dict]:
@@ -117,7 +142,6 @@ def test_seeded_suggestions_are_reproducible(alg):
 
 def test_grid_points():
     cfg = cfg_with("tuning.search_alg=grid", "tuning.grid_points=3", "tuning.alpha.kind=fixed")
-    space.validate_tuning(cfg)
     assert space.grid_points(cfg.tuning.gamma, 3) == [0.0, 2.5, 5.0]
     assert space.grid_points(cfg.tuning.prior, 3) == pytest.approx([1e-3, (1e-3 * 0.2) ** 0.5, 0.2])
     assert space.grid_size(cfg.tuning) == 9
@@ -139,21 +163,21 @@ def test_trial_names_carry_the_creation_number():
 
 def test_concurrency_follows_cluster_and_trial_needs():
     gpu = cfg_with("scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4")
-    assert search.trial_resources(gpu) == {"CPU": 8.25, "GPU": 2.0}
-    assert search.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=10) == 4  # GPU-bound
-    assert search.max_concurrent(gpu, {"CPU": 20, "GPU": 8}, num_trials=10) == 2  # CPU-bound (+1 CPU for data)
-    assert search.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=3) == 3  # no more than the trials
+    assert experiment.trial_resources(gpu) == {"CPU": 8.25, "GPU": 2.0}
+    assert experiment.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=10) == 4  # GPU-bound
+    assert experiment.max_concurrent(gpu, {"CPU": 20, "GPU": 8}, num_trials=10) == 2  # CPU-bound (+1 CPU for data)
+    assert experiment.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=3) == 3  # no more than the trials
     capped = cfg_with("scaling.use_gpu=true", "tuning.max_concurrent_trials=1")
-    assert search.max_concurrent(capped, {"CPU": 64, "GPU": 8}, num_trials=10) == 1
+    assert experiment.max_concurrent(capped, {"CPU": 64, "GPU": 8}, num_trials=10) == 1
     cpu = cfg_with("scaling.num_workers=1")  # 1 worker x 1 CPU + 0.25 for the trial + 1 for its data tasks
-    assert search.max_concurrent(cpu, {"CPU": 4}, num_trials=3) == 1
-    assert search.max_concurrent(cpu, {"CPU": 8}, num_trials=3) == 3
-    assert search.max_concurrent(cpu, {"CPU": 2}, num_trials=3) == 1  # does not fit now: one at a time
+    assert experiment.max_concurrent(cpu, {"CPU": 4}, num_trials=3) == 1
+    assert experiment.max_concurrent(cpu, {"CPU": 8}, num_trials=3) == 3
+    assert experiment.max_concurrent(cpu, {"CPU": 2}, num_trials=3) == 1  # does not fit now: one at a time
 
 
 def test_asha_rungs_stop_before_the_last_epoch():
     cfg = cfg_with()
-    asha = search.build_scheduler(cfg, epochs=4)
+    asha = experiment.build_scheduler(cfg, epochs=4)
     assert asha is not None and asha._max_t == 3
-    assert search.build_scheduler(cfg, epochs=1) is None  # nothing to stop early
-    assert search.build_scheduler(cfg_with("tuning.scheduler=none"), epochs=4) is None
+    assert experiment.build_scheduler(cfg, epochs=1) is None  # nothing to stop early
+    assert experiment.build_scheduler(cfg_with("tuning.scheduler=none"), epochs=4) is None

@@ -13,7 +13,7 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "ray_cluster.yaml"
 RAYCLUSTER = ROOT / "cluster" / "kuberay" / "raycluster.yaml"
 RAYJOB = ROOT / "cluster" / "kuberay" / "rayjob.yaml"

@@ -1,7 +1,9 @@
-"""Fast checks of the training pipeline's parts: lr schedule, checkpoints (weights_only), tracking URI, upload list."""
+"""Fast checks of the training pipeline's parts: lr schedule, optimizer, checkpoints (weights_only) and the model
+rebuilt from one, the driver's absolute paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -9,10 +11,17 @@ import pickle
 import pytest
 import torch
 
-from pipelines.checkpointing import CheckpointError, TrainState, load_checkpoint, save_checkpoint
-from pipelines.optim import WarmupMultiStepLR, build_optimizer, lr_factor, scaled_lr
-from pipelines.tracking import resolve_tracking_uri
-from retina.config import ConfigError, TrainConfig, load_config
+from pipelines.config import load_config
+from pipelines.training.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    load_checkpoint,
+    model_from_state,
+    save_checkpoint,
+)
+from pipelines.training.optim import WarmupMultiStepLR, build_optimizer, lr_factor, scaled_lr
+from retina.config import ConfigError, ModelConfig, TrainConfig, to_dict
 
 
 def test_linear_scaling_rule():
@@ -94,7 +103,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 def test_checkpoint_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="step 3: non-finite weights in \\['w'\\]"):
         save_checkpoint(tmp_path, _state(w=torch.tensor([1.0, float("nan")])))
-    assert not (tmp_path / "state.pt").exists()
+    assert not (tmp_path / STATE_FILE).exists()
 
 
 class _Payload:
@@ -106,7 +115,7 @@ def test_crafted_pickle_checkpoint_never_runs(tmp_path, monkeypatch):
     """G1: a checkpoint carrying code is rejected by weights_only=True before the payload runs."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
-    with open(tmp_path / "ckpt" / "state.pt", "wb") as f:
+    with open(tmp_path / "ckpt" / STATE_FILE, "wb") as f:
         pickle.dump({"format": "retina-checkpoint/1", "model": _Payload()}, f)
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         load_checkpoint(tmp_path / "ckpt")
@@ -115,28 +124,45 @@ def test_crafted_pickle_checkpoint_never_runs(tmp_path, monkeypatch):
 
 def test_truncated_checkpoint_names_the_path(tmp_path):
     save_checkpoint(tmp_path, _state())
-    data = (tmp_path / "state.pt").read_bytes()
-    (tmp_path / "state.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=str(tmp_path / "state.pt")):
+    data = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(tmp_path / STATE_FILE)):
         load_checkpoint(tmp_path)
 
 
-def test_tracking_uri_precedence(tmp_path, monkeypatch):
+def _tiny_model_config(num_convs: int = 1) -> ModelConfig:
+    m = ModelConfig(num_classes=2)
+    m.backbone.name, m.backbone.width, m.backbone.norm, m.backbone.fpn_channels = "resnet10", 8, "bn", 16
+    m.head.num_convs = num_convs
+    return m
+
+
+def test_model_rebuilt_from_a_checkpoint_s_own_config(tmp_path):
+    from retina.model import build_retinanet
+
+    torch.manual_seed(0)
+    cfg = _tiny_model_config()
+    cfg.backbone.weights = str(tmp_path / "no-such-imagenet-file.pt")  # never read: the weights are in the state
+    trained = build_retinanet(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights=None)))
+    save_checkpoint(tmp_path, TrainState(step=1, epoch=0, config={"model": to_dict(cfg)}, label_map=[],
+                                         model=trained.state_dict()))  # fmt: skip
+    model = model_from_state(load_checkpoint(tmp_path))
+    assert model.cfg.num_classes == 2 and model.cfg.backbone.weights is None
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    other = TrainState(step=7, epoch=0, config={"model": to_dict(_tiny_model_config(num_convs=2))}, label_map=[],
+                       model=trained.state_dict())  # fmt: skip
+    with pytest.raises(CheckpointError, match="checkpoint at step 7: weights do not fit its config"):
+        model_from_state(other)
+
+
+def test_driver_makes_local_data_paths_absolute(tmp_path, monkeypatch):
+    from pipelines.training.run import with_absolute_paths
+
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"  # absolute: workers run elsewhere
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_tracking_uri("") == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
-
-
-def test_job_upload_excludes_stores_but_keeps_packages():
-    from ray._private.thirdparty.pathspec import PathSpec
-
-    from cluster.runtime_env import EXCLUDES
-
-    spec = PathSpec.from_lines("gitwildmatch", EXCLUDES)  # how Ray matches runtime_env excludes
-    for path in (".venv/bin/python", "data/sample/images/000001.jpg", "runs/demo/x", "mlflow.db", "mlruns/0/a"):
-        assert spec.match_file(path), path
-    for path in ("retina/data/coco.py", "pipelines/data.py", "pipelines/train.py", "configs/smoke.yaml"):
-        assert not spec.match_file(path), path
+    cfg = load_config(None, ["data.root=data/x", "data.train_shards=s3://bucket/train", "data.val_shards=val"])
+    out = with_absolute_paths(cfg)
+    assert out.data.root == str(tmp_path / "data" / "x") and out.data.val_shards == str(tmp_path / "val")
+    assert out.data.train_shards == "s3://bucket/train"  # object storage is no working-directory path
+    assert cfg.data.root == "data/x"  # a new config, the given one is unchanged

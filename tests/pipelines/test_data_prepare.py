@@ -1,4 +1,5 @@
-"""pipelines/prepare_data.py and pipelines/data.py on real Ray: bad images, re-runs, round trip, epochs."""
+"""pipelines/data/prepare.py (behind pipelines/prepare_data.py) and pipelines/data/datasets.py on real Ray: bad
+images, re-runs, round trip, epochs, and the datasets training builds from its config."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.data import build_dataset, coco_gt_from_shards, load_manifest, make_collate_fn
-from pipelines.prepare_data import BadImageError, prepare
+from pipelines.data.datasets import build_dataset, make_collate_fn
+from pipelines.data.prepare import BadImageError, prepare
+from pipelines.data.shards import MANIFEST, coco_gt_from_shards, load_manifest
 from retina.data.coco import DataError
 from retina.data.synthetic import generate
 from retina.data.transforms import EvalTransform, decode_image
@@ -74,7 +76,7 @@ def test_prepare_writes_listed_shards_with_schema_and_conversions(ray_local, dat
     assert manifest["counts"]["exif_transposed"] == 1
     assert [c["id"] for c in manifest["categories"]] == [1, 3, 7, 12, 90]
     assert len(manifest["shards"]) >= 2 and sum(s["num_rows"] for s in manifest["shards"]) == 12
-    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert json.loads((out / MANIFEST).read_text()) == manifest
     table = pq.read_table(out / manifest["shards"][0]["path"])
     schema = {f.name: str(f.type) for f in table.schema}
     assert schema["image_id"] == "int64" and schema["height"] == "int32" and schema["image"] == "binary"
@@ -90,7 +92,7 @@ def test_bad_images_error_by_default_naming_the_file(ray_local, dataset, tmp_pat
     ann, bad = _with_bad_images(tmp_path, dataset)
     with pytest.raises(BadImageError, match=r"images/00000[2-6]\.jpg.*--on-bad-image skip"):
         prepare(ann, bad, tmp_path / "out")
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / MANIFEST).exists()
     assert not list((tmp_path / "out").glob("shards-*/*.parquet"))  # partial shards removed
 
 
@@ -196,18 +198,36 @@ def test_train_reshuffles_every_epoch_val_is_deterministic_and_unaugmented(ray_l
     torch.testing.assert_close(a[0]["images"][0, :, :h, :w], expected)
 
 
-def test_datasets_from_config_follow_data_shuffle_and_batch_sizes(ray_local, dataset, tmp_path):
-    from pipelines.data import TRAIN_TASK_BATCHES, datasets_from_config
-    from retina.config import load_config
+def test_datasets_from_config_follow_the_run_config(ray_local, dataset, tmp_path):
+    """The one builder training (and every search trial) uses: data.* decides the plan, train.seed the order."""
+    from pipelines.config import load_config
+    from pipelines.data.datasets import TRAIN_TASK_BATCHES, datasets_from_config
+    from pipelines.data.shards import check_shards
+    from retina.config import ConfigError
 
     ann, images = dataset
     prepare(ann, images, tmp_path / "shards", rows_per_shard=4)
-    common = [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={tmp_path / 'shards'}"]
+    common = [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={tmp_path / 'shards'}",
+              "model.num_classes=5", "model.input.min_size=64", "model.input.max_size=128"]  # fmt: skip
     for shuffle, stage in (("rows", "RandomShuffle"), ("files", None)):
         cfg = load_config(None, [*common, f"data.shuffle={shuffle}", "data.batch_size=8", "data.val_batch_size=3"])
-        train, val, labels = datasets_from_config(cfg)
+        train, val = datasets_from_config(cfg)
         plan = str(train)
         assert ("RandomShuffle" in plan) == (stage is not None), plan
         assert f"num_rows_per_block={8 * TRAIN_TASK_BATCHES}" in plan  # decode tasks of 8 global batches
-        assert "num_rows_per_block=3" in str(val) and "RandomShuffle" not in str(val)
-        assert labels.coco_ids == (1, 3, 7, 12, 90)  # the sample categories, from the manifest
+        assert "num_rows_per_block=3" in str(val) and "RandomShuffle" not in str(val)  # one val batch per task
+    # the label map a run checks its shards against (the sample categories, from the manifest)
+    assert check_shards(cfg.data, 5).coco_ids == (1, 3, 7, 12, 90)
+    with pytest.raises(ConfigError, match="model.num_classes: 80, but .* has 5 categories"):
+        check_shards(cfg.data, 80)
+
+    def first_epoch(*overrides: str) -> list[int]:
+        cfg = load_config(None, [*common, "data.shuffle=files", "data.batch_size=4", "scaling.num_workers=1",
+                                 *overrides])  # fmt: skip
+        train, _ = datasets_from_config(cfg)
+        return [i for b in _epoch_batches(train, make_collate_fn()) for i in b["image_ids"].tolist()]
+
+    seed_0 = first_epoch("train.seed=0")
+    assert sorted(seed_0) == list(range(1, 13))
+    assert first_epoch("train.seed=0", "data.synthetic_seed=9") == seed_0  # train.seed alone decides the order
+    assert first_epoch("train.seed=1") != seed_0

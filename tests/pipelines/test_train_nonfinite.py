@@ -3,13 +3,18 @@ without a checkpoint holding NaN weights, and the MLflow run ends FAILED. Then t
 the cause is gone, resumes that run from its last good checkpoint instead of starting over.
 
 MLflow here is the embedded default: no tracking URI anywhere → ``sqlite:///mlflow.db`` in the working directory.
+The NaN comes from ``RETINA_TEST_FAULTS={"nan_at_step": 5}`` in this process, the run's driver.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from pipelines import names
+from pipelines.training.faults import ENV as FAULTS_ENV
 from tests._train_helpers import SMOKE_CONFIG, data_overrides, smoke_data  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -23,7 +28,7 @@ def workdir(tmp_path_factory):
 
 
 def _config(smoke_data, workdir, *extra):  # noqa: F811
-    from retina.config import load_config
+    from pipelines.config import load_config
 
     return load_config(
         SMOKE_CONFIG,
@@ -33,14 +38,15 @@ def _config(smoke_data, workdir, *extra):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def nan_run(ray_local, smoke_data, workdir):  # noqa: F811
-    from pipelines.train import NonFiniteLossError, run
+    from pipelines.training.run import NonFiniteLossError, run_training
 
     mp = pytest.MonkeyPatch()
     mp.chdir(workdir)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.setenv(FAULTS_ENV, json.dumps({"nan_at_step": 5}))
     try:
         with pytest.raises(NonFiniteLossError) as info:
-            run(_config(smoke_data, workdir, "train.nan_at_step=5"))
+            run_training(_config(smoke_data, workdir))
     finally:
         mp.undo()
     return info.value
@@ -66,13 +72,13 @@ def test_mlflow_run_failed_in_embedded_store(nan_run, workdir):
     _, runs = _runs(workdir)
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
-    assert "non-finite loss at step 5" in runs[0].data.tags["retina.error"]
+    assert "non-finite loss at step 5" in runs[0].data.tags[names.ERROR_TAG]
 
 
 def test_no_checkpoint_with_nan_weights(nan_run, workdir):
-    from pipelines.checkpointing import load_checkpoint
+    from pipelines.training.checkpoint import STATE_FILE, load_checkpoint
 
-    states = sorted((workdir / "runs" / RUN_NAME).glob("checkpoint_*/state.pt"))
+    states = sorted((workdir / "runs" / RUN_NAME).glob(f"checkpoint_*/{STATE_FILE}"))
     assert len(states) == 1  # the step-4 checkpoint; nothing was written after the NaN
     state = load_checkpoint(states[0].parent)
     assert state.step == 4
@@ -80,19 +86,20 @@ def test_no_checkpoint_with_nan_weights(nan_run, workdir):
 
 
 def test_rerun_resumes_the_same_run_from_its_checkpoint(nan_run, smoke_data, workdir):  # noqa: F811
-    from pipelines.train import run
+    from pipelines.training.run import run_training
 
     mp = pytest.MonkeyPatch()
     mp.chdir(workdir)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv(FAULTS_ENV, raising=False)  # the cause is gone
     try:
-        outcome = run(_config(smoke_data, workdir))
+        outcome = run_training(_config(smoke_data, workdir))
     finally:
         mp.undo()
     assert outcome.resumed
-    assert outcome.metrics["step"] == 6
+    assert outcome.metrics[names.STEP] == 6
     client, runs = _runs(workdir)
     assert [r.info.run_id for r in runs] == [outcome.mlflow_run_id]  # no second MLflow run
     assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["retina.resumed_from_step"] == "4"
-    assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "val/AP")] == [4, 6]
+    assert runs[0].data.tags[names.RESUMED_FROM_TAG] == "4"
+    assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, names.VAL_AP)] == [4, 6]

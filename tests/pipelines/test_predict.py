@@ -20,9 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
-from s3_server import s3_server  # noqa: F401  (pytest finds the fixture by name)
 
-REPO = Path(__file__).resolve().parent.parent
+from pipelines import names
+from pipelines.training.checkpoint import STATE_FILE
+from tests.s3_server import s3_server  # noqa: F401  (pytest finds the fixture by name)
+
+pytestmark = pytest.mark.slow  # trains a model on the session's Ray; some tests start the S3 server
+
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_IDS = {1, 3, 7, 12, 90}  # the synthetic data's (non-contiguous) COCO category ids
 MODEL_NAME = "retinanet-smoke"
 
@@ -31,8 +36,8 @@ MODEL_NAME = "retinanet-smoke"
 def trained(tmp_path_factory, ray_local):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import train
-    from retina.config import load_config
+    from pipelines.config import load_config
+    from pipelines.training.run import run_training
 
     root = tmp_path_factory.mktemp("trained")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -56,10 +61,10 @@ def trained(tmp_path_factory, ray_local):
             "tracking.alias_min_ap=1e-6",  # earned with any AP above 0: the gate must read the checkpoint's AP
         ],
     )
-    outcome = train.run(cfg)
+    outcome = run_training(cfg)
     assert outcome.model is not None and outcome.model.alias_uri == f"models:/{MODEL_NAME}@smoke"
     version = MlflowClient(tracking_uri).get_model_version(MODEL_NAME, outcome.model.version)
-    assert float(version.tags["val_AP"]) == pytest.approx(outcome.metrics["val/AP"], abs=1e-4)
+    assert float(version.tags[names.VERSION_VAL_AP_TAG]) == pytest.approx(outcome.metrics[names.VAL_AP], abs=1e-4)
 
     images = root / "images"  # the val images, one in a sub-folder, plus two unreadable files
     shutil.copytree(root / "data" / "val" / "images", images)
@@ -136,7 +141,7 @@ def test_predict_cli_by_alias_in_fresh_process(trained, tmp_path, ray_local):
 
 def test_threshold_render_and_same_detections_as_notebook_api(trained, tmp_path):
     from pipelines.inference import load_model
-    from pipelines.predict import predict
+    from pipelines.inference.batch import predict
 
     version_uri = f"models:/{MODEL_NAME}/{trained.outcome.model.version}"
     detector = load_model(version_uri, tracking_uri=trained.tracking_uri)
@@ -205,10 +210,10 @@ def test_bad_uri_is_a_clear_error_naming_it(trained, uri):
 def test_evaluate_reproduces_training_val_ap_and_links_the_model(trained):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.evaluate import evaluate_model
-    from pipelines.tracking import metric_history
+    from pipelines.inference.evaluation import evaluate_model
+    from pipelines.tracking.store import metric_history
 
-    history = metric_history(trained.tracking_uri, trained.outcome.mlflow_run_id, "val/AP")
+    history = metric_history(trained.tracking_uri, trained.outcome.mlflow_run_id, names.VAL_AP)
     trained_ap = max(v for _, v in history)  # the registered model is the best checkpoint by val/AP
     assert trained_ap > 0, "the fixture's model must score above 0 for this comparison to mean anything"
 
@@ -237,11 +242,11 @@ def test_evaluate_reproduces_training_val_ap_and_links_the_model(trained):
 
 def test_predict_s3_to_s3_with_s3_checkpoint(trained, s3_server, tmp_path):  # noqa: F811
     from cluster import s3
-    from pipelines.predict import predict
+    from pipelines.inference.batch import predict
 
     bucket = s3_server.new_bucket("predict")
     checkpoint = f"{bucket}/checkpoints/best"
-    s3.write_bytes(f"{checkpoint}/state.pt", (Path(trained.outcome.best_checkpoint) / "state.pt").read_bytes())
+    s3.write_bytes(f"{checkpoint}/{STATE_FILE}", (Path(trained.outcome.best_checkpoint) / STATE_FILE).read_bytes())
     files = [*sorted(trained.images.glob("0*.jpg"))[:2], trained.images / "corrupt.jpg"]
     for f in files:
         s3.write_bytes(f"{bucket}/in/{f.name}", f.read_bytes())
@@ -273,4 +278,5 @@ def test_cli_help_and_bad_uri_exit_code(trained, tmp_path, capsys):
          "--data", trained.val_shards, "--no-log"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
     )  # fmt: skip
-    assert proc.returncode == 2 and "models:/no-such-model@x" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "evaluate: error: " in proc.stderr, proc.stderr
+    assert "models:/no-such-model@x" in proc.stderr, proc.stderr

@@ -1,4 +1,4 @@
-"""Triton-kernel cases, run by tests/test_focal_loss_triton.py in a subprocess with ``TRITON_INTERPRET=1``.
+"""Triton-kernel cases, run by tests/retina/test_focal_loss_triton.py in a subprocess with ``TRITON_INTERPRET=1``.
 
 They call the public op with ``backend="triton"`` on CPU tensors, so the kernel itself (interpreted by Triton on
 NumPy) runs the same parity checks as the CUDA build would; ``test_kernel_really_ran`` proves no fallback ran.
@@ -11,9 +11,17 @@ import os
 
 import pytest
 import torch
-from _focal_helpers import ALPHAS, GAMMAS, NUM_CLASSES, REDUCTIONS, assert_close_to_oracle, make_inputs, run_op
 
 from retina.ops import sigmoid_focal_loss
+from tests.retina._focal_helpers import (
+    ALPHAS,
+    GAMMAS,
+    NUM_CLASSES,
+    REDUCTIONS,
+    assert_close_to_oracle,
+    make_inputs,
+    run_op,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 

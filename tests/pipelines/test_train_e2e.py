@@ -1,8 +1,8 @@
 """End to end: 2-worker DDP training on CPU with the smoke config, against a real MLflow server on 127.0.0.1
 whose artifact store is S3 on a local moto server, with the Ray Train checkpoints on that S3 too. One worker
-raises once at step 5 (after the step-4 checkpoint): the run must resume from that checkpoint, finish with a
-continuous step count, and keep a single MLflow run. The training runs once (module fixture); each test below
-checks one consequence.
+raises once at step 5 (after the step-4 checkpoint; ``RETINA_TEST_FAULTS`` in this process, the run's driver):
+the run must resume from that checkpoint, finish with a continuous step count, and keep a single MLflow run. The
+training runs once (module fixture); each test below checks one consequence.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines import names
+from pipelines.training.faults import ENV as FAULTS_ENV
 from tests._train_helpers import SMOKE_CONFIG, data_overrides, smoke_data  # noqa: F401
 from tests.s3_server import _free_port, s3_server  # noqa: F401
 
@@ -68,8 +70,8 @@ def mlflow_server(s3_server, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def trained(ray_local, smoke_data, mlflow_server, s3_server, tmp_path_factory):  # noqa: F811
-    from pipelines.train import run
-    from retina.config import load_config
+    from pipelines.config import load_config
+    from pipelines.training.run import run_training
 
     storage = s3_server.new_bucket("ckpt") + "/runs"
     marker = tmp_path_factory.mktemp("fault") / "failed_once"
@@ -84,11 +86,14 @@ def trained(ray_local, smoke_data, mlflow_server, s3_server, tmp_path_factory): 
             "tracking.experiment=retina-e2e",
             f"tracking.registered_model_name={MODEL_NAME}",
             f"tracking.alias={ALIAS}",
-            "train.fail_at_step=5",
-            f"train.fail_marker={marker}",
         ],
     )
-    outcome = run(cfg, str(SMOKE_CONFIG))
+    mp = pytest.MonkeyPatch()
+    mp.setenv(FAULTS_ENV, json.dumps({"fail_at_step": 5, "fail_marker": str(marker)}))
+    try:
+        outcome = run_training(cfg, str(SMOKE_CONFIG))
+    finally:
+        mp.undo()
     return {"outcome": outcome, "cfg": cfg, "storage": storage, "marker": marker}
 
 
@@ -101,14 +106,12 @@ def _client(mlflow_server):
 def test_failure_injected_and_resumed_from_checkpoint(trained, mlflow_server):
     outcome = trained["outcome"]
     assert trained["marker"].exists(), "the injected failure never fired"
-    assert outcome.metrics["step"] == 6 and outcome.metrics["epoch"] == 2
+    assert outcome.metrics[names.STEP] == 6 and outcome.metrics[names.EPOCH] == 2
     tags = _client(mlflow_server).get_run(outcome.mlflow_run_id).data.tags
-    assert tags["retina.resumed_from_step"] == "4"  # restarted from the step-4 checkpoint, not from scratch
+    assert tags[names.RESUMED_FROM_TAG] == "4"  # restarted from the step-4 checkpoint, not from scratch
 
 
 def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
-    from pipelines.tracking import RUN_KEY_TAG
-
     client = _client(mlflow_server)
     outcome = trained["outcome"]
     exp = client.get_experiment_by_name("retina-e2e")
@@ -116,10 +119,12 @@ def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
     assert [r.info.run_id for r in runs] == [outcome.mlflow_run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags[RUN_KEY_TAG] == f"{trained['storage']}/{RUN_NAME}"
-    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert run.data.tags[names.RUN_KEY_TAG] == f"{trained['storage']}/{RUN_NAME}"
+    assert run.data.tags[names.MODEL_URI_TAG] == outcome.model.model_uri
+    assert run.data.tags[names.REGISTERED_VERSION_TAG] == f"{MODEL_NAME}/{outcome.model.version}"
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)]
     assert loss_steps == [2, 4, 6]  # steps 5-6 ran twice, logged once
-    ap_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/AP")]
+    ap_steps = [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_AP)]
     assert ap_steps == [4, 6]
     for key in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "train/lr", "train/images_per_s"):
         assert key in run.data.metrics, key
@@ -160,20 +165,20 @@ def test_model_registered_with_alias(trained, mlflow_server):
     version = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
     assert version.version == outcome.model.version
     assert version.run_id == outcome.mlflow_run_id
-    assert "val_AP" in version.tags
+    assert names.VERSION_VAL_AP_TAG in version.tags
 
 
 def test_checkpoints_on_s3_load_weights_only(trained, s3_server, tmp_path):  # noqa: F811
     from cluster import s3
-    from pipelines.checkpointing import load_checkpoint
+    from pipelines.training.checkpoint import STATE_FILE, load_checkpoint
 
     run_dir = f"{trained['storage']}/{RUN_NAME}"
     files = list(s3.list_files(run_dir))
-    states = sorted(f for f in files if f.endswith("/state.pt"))
+    states = sorted(f for f in files if f.endswith(f"/{STATE_FILE}"))
     # num_to_keep=1 best by val/AP, plus Ray always keeps the latest
     assert 1 <= len(states) <= 2, files
     latest = max(states)
-    (tmp_path / "state.pt").write_bytes(s3.read_bytes(latest))
+    (tmp_path / STATE_FILE).write_bytes(s3.read_bytes(latest))
     state = load_checkpoint(tmp_path)  # torch.load(weights_only=True) inside
     assert state.step == 6 and state.epoch == 2
     assert [c["id"] for c in state.label_map] == [1, 3, 7, 12, 90]
@@ -208,9 +213,9 @@ print(json.dumps({{"keys": sorted(out), "boxes": list(out["boxes"].shape), "labe
 
 def test_rerun_of_finished_run_does_nothing(trained, mlflow_server):
     """Same command again: the run is found (same MLflow run id), nothing retrains, no new model version."""
-    from pipelines.train import run
+    from pipelines.training.run import run_training
 
-    again = run(trained["cfg"])
+    again = run_training(trained["cfg"])
     assert again.resumed and again.mlflow_run_id == trained["outcome"].mlflow_run_id
     assert again.model is None
     versions = _client(mlflow_server).search_model_versions(f"name='{MODEL_NAME}'")

@@ -10,6 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines import names
 from tuning import results as res
 from tuning.space import DIMENSIONS
 
@@ -63,7 +64,7 @@ def _version(client: MlflowClient, ap: float | None) -> str:
     source.mkdir(exist_ok=True)
     mv = client.create_model_version("det", source=source.as_uri())
     if ap is not None:
-        client.set_model_version_tag("det", mv.version, res.VAL_AP_TAG, f"{ap:.4f}")
+        client.set_model_version_tag("det", mv.version, names.VERSION_VAL_AP_TAG, f"{ap:.4f}")
     return str(mv.version)
 
 
@@ -80,8 +81,8 @@ def test_champion_moves_only_on_improvement(registry):
     worse = res.promote_if_better(registry, "det", "champion", v2, 0.25)
     assert not worse.moved and worse.previous_version == v1 and worse.previous_ap == 0.30
     assert _champion(registry) == v1
-    assert worse.tags()["retina.champion.moved"] == "false"
-    assert worse.tags()["retina.champion.previous_val_AP"] == "0.3000"
+    assert worse.tags()[names.CHAMPION_TAG_PREFIX + "moved"] == "false"
+    assert worse.tags()[names.CHAMPION_TAG_PREFIX + "previous_val_AP"] == "0.3000"
 
     v3 = _version(registry, 0.30)  # equal (at the tag's 4 decimals) is not better
     assert not res.promote_if_better(registry, "det", "champion", v3, 0.300004).moved

@@ -2,7 +2,7 @@
 
 The eager backend runs the full parameter grid (it is the same formula the compiled backend compiles); the
 compiled backend runs a cross-section, because each new dtype costs a few seconds of compilation on 2 cores.
-The Triton kernel is tested in tests/test_focal_loss_triton.py (interpreter subprocess and GPU).
+The Triton kernel is tested in tests/retina/test_focal_loss_triton.py (interpreter subprocess and GPU).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import warnings
 
 import pytest
 import torch
-from _focal_helpers import (
+
+from retina.ops import focal_loss_cpu, sigmoid_focal_loss
+from retina.ops.focal_loss import resolve_backend, sigmoid_focal_loss_reference
+from tests.retina._focal_helpers import (
     ALPHAS,
     GAMMAS,
     NUM_CLASSES,
@@ -23,9 +26,6 @@ from _focal_helpers import (
     oracle,
     run_op,
 )
-
-from retina.ops import focal_loss_cpu, sigmoid_focal_loss
-from retina.ops.focal_loss import resolve_backend, sigmoid_focal_loss_reference
 
 # 203 rows: not a multiple of any block or chunk size
 ROWS = 203

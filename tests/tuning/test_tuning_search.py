@@ -2,15 +2,16 @@
 
 One scenario covers the fault cases, because every trial costs real training time on this machine:
 the search runs as a separate driver process on the test's Ray cluster; trial 1 is forced to diverge
-(tuning.nan_trials); the driver is SIGKILLed as soon as Tune has recorded the first trial as finished; the
-same search is then resumed in this process. Checked: the finished trial is not run again, the diverged trial is
-recorded as failed while the others complete, the MLflow parent/child runs, the results artifacts, and the
-registered best model with the champion alias.
+(``RETINA_TEST_FAULTS={"nan_trials": [1]}`` in the environment of either driver); the driver is SIGKILLed as soon
+as Tune has recorded the first trial as finished; the same search is then resumed in this process. Checked: the
+finished trial is not run again, the diverged trial is recorded as failed while the others complete, the MLflow
+parent/child runs, the results artifacts, and the registered best model with the champion alias.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -21,13 +22,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from retina.config import load_config
-from tuning import search
-from tuning.trial import PARENT_TAG, STATUS_TAG
+from pipelines import names
+from pipelines.training.faults import ENV as FAULTS_ENV
+from tuning.config import load_search_config
+from tuning.experiment import run_search
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 NAME = "tune_test"
+FAULTS = json.dumps({"nan_trials": [1]})  # trial 1 diverges from its first step
 
 
 def _overrides(tmp_path: Path) -> list[str]:
@@ -49,7 +52,6 @@ def _overrides(tmp_path: Path) -> list[str]:
         "tracking.alias=champion",
         f"tuning.name={NAME}",
         "tuning.num_samples=3",
-        "tuning.nan_trials=[1]",
     ]
 
 
@@ -59,11 +61,12 @@ def _finished_trials(experiment: Path) -> int:
 
 
 @pytest.mark.slow
-def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path):
+def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path, monkeypatch):
     overrides = _overrides(tmp_path)
     experiment = tmp_path / "runs" / NAME
     log = (tmp_path / "driver.log").open("w")
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1",
+           FAULTS_ENV: FAULTS}  # fmt: skip
     cmd = [sys.executable, str(REPO / "tuning" / "search.py"), "--config", SMOKE, "--scheduler", "asha"]
     driver = subprocess.Popen(cmd + [a for o in overrides for a in ("--set", o)], cwd=tmp_path, env=env,
                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -79,8 +82,9 @@ def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path):
     first = next(experiment.glob("trial_000_*/progress.csv"))
     before = first.read_bytes()
 
-    cfg = load_config(SMOKE, overrides)
-    outcome = search.run_search(cfg)  # same name and storage: restores the killed search
+    cfg = load_search_config(SMOKE, overrides)
+    monkeypatch.setenv(FAULTS_ENV, FAULTS)  # this process is the resumed search's driver
+    outcome = run_search(cfg)  # same name and storage: restores the killed search
 
     # the search is complete; the finished trial was kept, not run again
     assert outcome.resumed
@@ -98,16 +102,16 @@ def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path):
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     exp_id = parent.info.experiment_id
-    children = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    children = client.search_runs([exp_id], f"tags.`{names.MLFLOW_PARENT_TAG}` = '{outcome.parent_run_id}'")
     by_name = {c.info.run_name.split("_")[1]: c for c in children}
     assert sorted(by_name) == ["000", "001", "002"]
     for number, child in by_name.items():
         row = rows[number]
         for key in ("gamma", "alpha", "prior"):
             assert float(child.data.params[key]) == pytest.approx(row.params[key])
-    assert by_name["001"].info.status == "FAILED" and by_name["001"].data.tags[STATUS_TAG] == "failed"
-    assert "non-finite" in by_name["001"].data.tags["retina.error"]
-    assert by_name["000"].info.status == "FINISHED" and "val/AP" in by_name["000"].data.metrics
+    assert by_name["001"].info.status == "FAILED" and by_name["001"].data.tags[names.TRIAL_STATUS_TAG] == "failed"
+    assert "non-finite" in by_name["001"].data.tags[names.ERROR_TAG]
+    assert by_name["000"].info.status == "FINISHED" and names.VAL_AP in by_name["000"].data.metrics
 
     # results table and plot on the parent run
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "search")}
@@ -118,6 +122,8 @@ def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path):
 
     # the best trial's model is registered from its child run, and took the (first) champion alias
     champion = client.get_model_version_by_alias("retinanet-tune-test", "champion")
-    assert champion.tags["mlflow_run_id"] == outcome.best_run_id == by_name[outcome.best.name.split("_")[1]].info.run_id
-    assert parent.data.tags["retina.champion.moved"] == "true"
-    assert parent.data.tags["retina.registered_version"] == f"retinanet-tune-test/{champion.version}"
+    best_child = by_name[outcome.best.name.split("_")[1]]
+    assert champion.tags[names.VERSION_RUN_ID_TAG] == outcome.best_run_id == best_child.info.run_id
+    assert parent.data.tags[names.CHAMPION_TAG_PREFIX + "moved"] == "true"
+    assert parent.data.tags[names.REGISTERED_VERSION_TAG] == f"retinanet-tune-test/{champion.version}"
+    assert parent.data.tags[names.BEST_RUN_ID_TAG] == outcome.best_run_id

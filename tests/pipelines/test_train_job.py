@@ -60,7 +60,7 @@ def test_job_submit_smoke_training(head, smoke_data, tmp_path):  # noqa: F811
     assert proc.returncode == 0, output[-5000:]
     assert "succeeded" in output
     assert "done in" in output and "registered retinanet-smoke v1" in output
-    assert "Uploading package" in output  # the working dir travelled (what it leaves out: test_train_units)
+    assert "Uploading package" in output  # the working dir travelled (what it leaves out: cluster/test_runtime_env.py)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("retina-smoke").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

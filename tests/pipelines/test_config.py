@@ -1,4 +1,5 @@
-"""The typed run config: paper defaults, the shipped configs, and clear errors for bad keys and values."""
+"""The run config of a training job (`pipelines.config.Config`): the library's sections composed with scaling, run
+and tracking, the shipped configs, and clear errors for bad keys and values, also across sections."""
 
 from __future__ import annotations
 
@@ -6,24 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from retina.config import Config, ConfigError, flatten, load_config, to_dict
+from pipelines.config import Config, ConfigError, config_from_dict, load_config
+from retina.config import flatten, to_dict
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_defaults_are_the_paper_recipe():
+def test_defaults_compose_every_section():
     cfg = Config()
-    t = cfg.train
-    assert (t.base_lr, t.base_batch_size, cfg.data.batch_size) == (0.01, 16, 16)
-    assert (t.momentum, t.weight_decay) == (0.9, 1e-4)
-    assert t.max_steps == 90_000 and t.lr_steps == [60_000, 80_000] and t.lr_gamma == 0.1
-    assert cfg.model.backbone.name == "resnet50" and cfg.model.input.min_size == 800
+    assert list(to_dict(cfg)) == ["model", "data", "train", "scaling", "run", "tracking"]
+    assert cfg.data.batch_size == 16 and cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
     assert cfg.run.num_to_keep >= 1 and cfg.tracking.tracking_uri == ""
+    cfg.check()  # the defaults pass their own rules
 
 
 @pytest.mark.parametrize("name", ["smoke", "demo", "coco_r50_1x"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, Config)
     assert cfg.data.batch_size % cfg.scaling.num_workers == 0
 
 
@@ -33,6 +34,11 @@ def test_coco_config_is_the_paper_recipe():
     assert cfg.train.max_steps == 90_000 and cfg.train.lr_steps == [60_000, 80_000]
     assert cfg.model.backbone.name == "resnet50" and cfg.model.backbone.fpn_channels == 256
     assert cfg.model.input.min_size == 800 and cfg.train.amp == "bf16" and cfg.scaling.use_gpu
+
+
+def test_a_search_config_is_not_a_run_config():
+    with pytest.raises(ConfigError, match=r"search_sample\.yaml: unknown config key\(s\): tuning"):
+        load_config(CONFIGS / "search_sample.yaml")
 
 
 @pytest.mark.parametrize(
@@ -47,8 +53,13 @@ def test_coco_config_is_the_paper_recipe():
         ("scaling.resources_per_worker={GPU: 1}", "scaling.resources_per_worker: CPU/GPU come from"),
         ("scaling.resources_per_worker={A100: many}", "scaling.resources_per_worker.A100: expected a number"),
         ("run.name=a/b", "run.name: must be 1-128 characters"),
+        ("run.num_to_keep=0", "run.num_to_keep: must be >= 1"),
         ("tracking.alias=latest", "tracking.alias"),
-        ("train.fail_at_step=3", "train.fail_marker: is required"),
+        ("tracking.alias=v3", "tracking.alias"),
+        ("tracking.alias_min_ap=2", "tracking.alias_min_ap: must be in [0, 1]"),
+        # the test-only fault hooks are not config keys (they come from RETINA_TEST_FAULTS: test_faults.py)
+        ("train.fail_at_step=3", "unknown config key(s): train.fail_at_step"),
+        ("train.nan_at_step=3", "unknown config key(s): train.nan_at_step"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -86,8 +97,19 @@ def test_overrides_are_typed_and_flatten_for_mlflow():
     assert flat["model.backbone.name"] == "resnet18"
 
 
+def test_plain_dict_round_trip_as_checkpoints_store_it():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["run.name=again"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+    changed = config_from_dict(to_dict(cfg), ["train.max_steps=2"])
+    assert changed.train.max_steps == 2 and changed.run.name == "again"
+    with pytest.raises(ConfigError, match="scaling.num_workers: must be >= 1"):
+        config_from_dict(to_dict(cfg), ["scaling.num_workers=0"])  # checked like a loaded file
+
+
 def test_cli_rejects_a_bad_key_before_starting_anything(capsys):
+    from pipelines.cli import EXIT_BAD_INPUT
     from pipelines.train import main
 
-    assert main(["--config", str(CONFIGS / "smoke.yaml"), "--set", "train.max_stepz=5"]) == 2
-    assert "unknown config key(s): train.max_stepz" in capsys.readouterr().err
+    assert main(["--config", str(CONFIGS / "smoke.yaml"), "--set", "train.max_stepz=5"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("train: error: ") and "unknown config key(s): train.max_stepz" in err

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from _focal_helpers import make_inputs, oracle, run_op
 
 from retina.ops import sigmoid_focal_loss
+from tests.retina._focal_helpers import make_inputs, oracle, run_op
 
-TESTS = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 
 
 def test_kernel_under_triton_interpreter():
     # TRITON_INTERPRET is read when triton.jit defines the kernel, so the cases run in a fresh interpreter.
     env = {**os.environ, "TRITON_INTERPRET": "1", "RETINA_FOCAL_LOSS": "triton"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "_focal_triton_cases.py")]
-    proc = subprocess.run(cmd, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "_focal_triton_cases.py")]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
