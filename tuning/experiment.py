@@ -205,7 +205,9 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
             MlflowClient(tracking_uri).log_artifact(parent_id, config_path, "config")
         setup = TrialSetup(cfg, s3.join(experiment_display, "trials"), tracking_uri, cfg.tracking.experiment,
                            parent_id, labels, Faults.from_env())  # fmt: skip
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": t.driver_cpus, **t.driver_resources})
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup=setup), {"CPU": t.driver_cpus, **t.driver_resources}
+        )
         resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
         if resumed:
             logger.info("resuming the search in %s", experiment_display)
