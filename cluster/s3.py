@@ -77,8 +77,8 @@ class S3Settings:
         )
 
 
-# Bounded retries with backoff for throttling/5xx/connection resets (reliability case C4); permanent errors
-# (AccessDenied, NoSuchKey) are not retried by botocore, so they fail fast (C5).
+# Bounded retries with backoff for throttling/5xx/connection resets (docs/data.md, bad input); permanent errors
+# (AccessDenied, NoSuchKey) are not retried by botocore, so they fail fast.
 _BOTO_CONFIG = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 

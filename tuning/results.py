@@ -215,6 +215,6 @@ def promote_if_better(
     else:
         moved, reason = False, f"val/AP {candidate:.4f} <= champion's {previous_ap:.4f} (version {prev_version})"
     if moved:
-        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing (F8)
+        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing
         client.set_registered_model_alias(name, alias, version)
     return ChampionDecision(alias, str(version), val_ap, prev_version, previous_ap, moved, reason)

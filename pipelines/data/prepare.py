@@ -47,7 +47,7 @@ logger = logging.getLogger("retina.prepare_data")
 
 FORMAT = "retina-shards/1"
 
-# design.md's shard schema, plus `crowd_labels` (the class of each crowd region: COCOeval ignores crowd
+# The shard schema of docs/data.md, plus `crowd_labels` (the class of each crowd region: COCOeval ignores crowd
 # regions per class, so evaluation needs it to reproduce the source annotations exactly).
 SHARD_SCHEMA = pa.schema(
     [

@@ -91,7 +91,7 @@ class ImageRecord:
     crowd_labels: np.ndarray  # (C,) int32 contiguous labels of the crowd regions (COCOeval ignores per class)
 
     def to_row(self) -> dict[str, Any]:
-        """Shard-schema row without the ``image`` bytes: lists are flattened xyxy (see design.md)."""
+        """Shard-schema row without the ``image`` bytes: lists are flattened xyxy (see docs/data.md)."""
         return {
             "image_id": self.image_id,
             "file_name": self.file_name,

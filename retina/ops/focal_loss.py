@@ -1,6 +1,6 @@
 """Sigmoid focal loss with class-index labels: the public op, its backend dispatch, and the reference.
 
-Contract (design.md): ``sigmoid_focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, reduction="sum")``
+Contract (docs/design.md): ``sigmoid_focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, reduction="sum")``
 with ``logits`` float ``[..., K]`` and ``labels`` integer ``[...]``: a class index in ``0..K-1`` for
 foreground, ``-1`` for background, ``-2`` for ignored. ``alpha < 0`` disables α-weighting.
 

@@ -8,7 +8,7 @@ Every backend in this package returns the same thing from ``loss_and_grad(x, lab
   the ``[R, K]`` loss in ``x``'s dtype; ``grad`` is d(sum of loss)/dx as a contiguous ``[R, K]`` tensor in ``x``'s
   dtype, not yet scaled by the upstream gradient, or ``None`` when ``need_grad`` is False.
 
-The formula (see /work/shared/notes/focal-loss-kernel.md §1): with ``z = x`` for a negative column and ``z = -x``
+The formula (docs/focal-loss.md): with ``z = x`` for a negative column and ``z = -x``
 for the positive one, ``loss = a · σ(z)^γ · softplus(z)`` and
 ``dloss/dx = ±a · σ(z)^γ · (γ · σ(-z) · softplus(z) + σ(z))``. It never forms ``σ^(γ-1)``, so γ < 1 (γ = 0.5, γ = 0)
 is finite everywhere, and ``σ(z)^γ = exp(-γ · softplus(-z))`` never evaluates ``0 ** 0``.

@@ -31,7 +31,7 @@ def head():
 
 
 def test_job_api_requires_a_token(head):
-    """G3: an unauthenticated job submission is refused."""
+    """An unauthenticated job submission is refused."""
     request = urllib.request.Request(
         f"{head.dashboard_url}/api/jobs/", data=json.dumps({"entrypoint": "echo hi"}).encode(), method="POST",
         headers={"Content-Type": "application/json"},

@@ -112,7 +112,7 @@ class _Payload:
 
 
 def test_crafted_pickle_checkpoint_never_runs(tmp_path, monkeypatch):
-    """G1: a checkpoint carrying code is rejected by weights_only=True before the payload runs."""
+    """A checkpoint carrying code is rejected by weights_only=True before the payload runs."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
     with open(tmp_path / "ckpt" / STATE_FILE, "wb") as f:
