@@ -1,6 +1,6 @@
 """Train RetinaNet with Ray Train (PyTorch DDP), evaluate with COCOeval, track and register in MLflow.
 
-    python pipelines/train.py --config configs/NAME.yaml [--set section.key=value ...]
+    python pipelines/train.py --config configs/NAME.yaml [--set section.key=value ...] [--restart]
 
 The config is typed (`retina.config`): an unknown or ill-typed key is an error naming it, before anything
 starts. Sections: model, data, train, scaling, run, tracking (see configs/*.yaml and docs/configuration.md).
@@ -10,7 +10,8 @@ local Ray with its dashboard on 127.0.0.1.
 
 Resume: re-running the same command (same run.name and run.storage_path) continues from the latest
 checkpoint in ``<storage_path>/<name>``, in the same MLflow run. Worker failures are recovered the same way, up
-to run.max_failures times.
+to run.max_failures times. A run that already finished is reported again; if its settings changed, the command
+stops and names them: choose a new run.name, or pass --restart to start the run anew.
 
 MLflow: tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db`` in the working
 directory (view it with ``mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1``).
@@ -57,6 +58,11 @@ def summary(outcome: TrainOutcome) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.docstring_parser(__doc__)
     cli.add_config_arguments(parser, "configs/demo.yaml", "--set train.max_steps=100 --set run.name=x")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the run (run.name in run.storage_path) anew: delete its checkpoints; the old MLflow run stays",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.training.run import NonFiniteLossError, run_training
 
         try:
-            outcome = run_training(cfg, args.config)
+            outcome = run_training(cfg, args.config, restart=args.restart)
         except (NonFiniteLossError, ray.train.TrainingFailedError) as exc:
             print(f"train: failed: {exc}", file=sys.stderr)
             return cli.EXIT_FAILED

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,34 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_LENGTH]
 
 
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp is not None else client.create_experiment(experiment)
+
+
+def find_run(tracking_uri: str, experiment: str, run_key: str) -> Any | None:
+    """The MLflow run that carries `run_key` (the oldest, should there be several), or None."""
+    client = MlflowClient(tracking_uri)
+    escaped = run_key.replace("'", "\\'")
+    query = f"tags.`{RUN_KEY_TAG}` = '{escaped}'"
+    found = client.search_runs([_experiment_id(client, experiment)], query, max_results=1, order_by=["start_time ASC"])
+    return found[0] if found else None
+
+
+def changed_params(run: Any, params: Mapping[str, Any]) -> list[str]:
+    """The dotted keys whose value differs from what `run` logged (MLflow params are immutable)."""
+    values = {k: _param_value(v) for k, v in params.items()}
+    return sorted(k for k, v in values.items() if k in run.data.params and run.data.params[k] != v)
+
+
+def retire_run_key(tracking_uri: str, run: Any) -> None:
+    """Detach `run` from its run key (a restart starts a new run under the key; the old one stays readable)."""
+    key = run.data.tags.get(RUN_KEY_TAG, "")
+    MlflowClient(tracking_uri).set_tag(
+        run.info.run_id, RUN_KEY_TAG, f"{key} (replaced {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    )
+
+
 def start_or_resume_run(
     tracking_uri: str, experiment: str, run_name: str, run_key: str, params: Mapping[str, Any]
 ) -> tuple[str, bool]:
@@ -59,16 +88,10 @@ def start_or_resume_run(
     attempts) are reported in the log, not re-logged: MLflow params are immutable.
     """
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    escaped = run_key.replace("'", "\\'")
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1, order_by=["start_time ASC"]
-    )
     values = {k: _param_value(v) for k, v in params.items()}
-    if found:
-        run = found[0]
-        changed = sorted(k for k, v in values.items() if k in run.data.params and run.data.params[k] != v)
+    run = find_run(tracking_uri, experiment, run_key)
+    if run is not None:
+        changed = changed_params(run, params)
         if changed:
             logger.warning("resuming MLflow run %s with changed settings (not re-logged): %s", run.info.run_id, changed)
         new = [Param(k, v) for k, v in values.items() if k not in run.data.params]
@@ -76,7 +99,7 @@ def start_or_resume_run(
             client.log_batch(run.info.run_id, params=new[i : i + 100])
         client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run.info.run_id, True
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
+    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags={RUN_KEY_TAG: run_key})
     items = [Param(k, v) for k, v in values.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])

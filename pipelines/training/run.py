@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from pipelines.training.capacity import check_capacity
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
-from retina.config import flatten, to_dict
+from retina.config import ConfigError, flatten, to_dict
 
 logger = logging.getLogger("retina.train")
 
@@ -93,21 +94,25 @@ def fit(
     return result
 
 
-def run_training(cfg: Config, config_path: str | None = None) -> TrainOutcome:
-    """The whole run: data, MLflow run, TorchTrainer.fit, model registration. Raises on failure (MLflow FAILED)."""
+def run_training(cfg: Config, config_path: str | None = None, *, restart: bool = False) -> TrainOutcome:
+    """The whole run: data, MLflow run, TorchTrainer.fit, model registration. Raises on failure (MLflow FAILED).
+
+    The same run.name + run.storage_path continues the run (after a failure: from its latest checkpoint). A run
+    that already finished is reported as it is, unless its settings changed: then ConfigError names the changed
+    keys and the ways forward. `restart`: discard the run's checkpoints and start it anew (the old MLflow run
+    stays, detached from the name)."""
     started = time.time()
     cfg, labels = prepare_run(cfg)
     run_dir = s3.join(storage_location(cfg.run.storage_path)[2], cfg.run.name)
     tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
     params = flatten(to_dict(cfg))
+    previous = store.find_run(tracking_uri, cfg.tracking.experiment, run_dir)
+    if previous is not None and restart:
+        _discard(run_dir, previous, tracking_uri)
+    elif previous is not None and names.MODEL_URI_TAG in previous.data.tags:
+        return _finished(cfg, previous, params, run_dir, tracking_uri, started)
     run_id, resumed = store.start_or_resume_run(tracking_uri, cfg.tracking.experiment, cfg.run.name, run_dir, params)
     client = store.MlflowClient(tracking_uri)
-    done = client.get_run(run_id).data.tags.get(names.MODEL_URI_TAG) if resumed else None
-    if done:
-        logger.info("run %s already finished and its model is logged (%s); nothing to do", cfg.run.name, done)
-        client.set_terminated(run_id, "FINISHED")
-        metrics = dict(client.get_run(run_id).data.metrics)
-        return TrainOutcome(run_dir, run_id, tracking_uri, metrics, None, None, True, time.time() - started)
     with store.tracked_run(tracking_uri, run_id):
         client.log_dict(run_id, to_dict(cfg), "config/config.json")
         if config_path:
@@ -117,6 +122,33 @@ def run_training(cfg: Config, config_path: str | None = None) -> TrainOutcome:
         metrics = dict(result.metrics or {})  # those of the latest checkpoint
         logged, best_path = _finish(cfg, result, tracking_uri, run_id, labels)
     return TrainOutcome(run_dir, run_id, tracking_uri, metrics, best_path, logged, resumed, time.time() - started)
+
+
+def _finished(cfg: Config, run: Any, params: dict, run_dir: str, tracking_uri: str, started: float) -> TrainOutcome:
+    """A finished run asked for again: its outcome when the settings are the same, else a ConfigError."""
+    changed = store.changed_params(run, params)
+    if changed:
+        shown = ", ".join(f"{k}: {run.data.params[k]} -> {params[k]}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(
+            f"run {cfg.run.name!r} already finished in {run_dir} with other settings: {shown}{more}. To train with "
+            f"the new settings, give the run a new name (--set run.name={cfg.run.name}-2) or replace it (--restart)"
+        )
+    logger.info("run %s already finished and its model is logged (%s); nothing to do", cfg.run.name,
+                run.data.tags[names.MODEL_URI_TAG])  # fmt: skip
+    metrics = dict(run.data.metrics)
+    return TrainOutcome(run_dir, run.info.run_id, tracking_uri, metrics, None, None, True, time.time() - started)
+
+
+def _discard(run_dir: str, run: Any, tracking_uri: str) -> None:
+    """--restart: delete the run's checkpoints and Ray state, detach the old MLflow run from the name."""
+    logger.info("restart: deleting %s and starting a new MLflow run (the old one, %s, stays)", run_dir,
+                run.info.run_id)  # fmt: skip
+    if s3.is_s3(run_dir):
+        s3.delete_prefix(run_dir)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    store.retire_run_key(tracking_uri, run)
 
 
 def _log_curves(tracking_uri: str, run_id: str) -> None:

@@ -220,3 +220,19 @@ def test_rerun_of_finished_run_does_nothing(trained, mlflow_server):
     assert again.model is None
     versions = _client(mlflow_server).search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 1
+
+
+def test_finished_run_is_reported_again_and_changed_settings_are_refused(trained):
+    """Re-running a finished run does not train; with changed settings it stops, naming them and the ways forward."""
+    import dataclasses
+
+    from pipelines.training.run import run_training
+    from retina.config import ConfigError
+
+    cfg, first = trained["cfg"], trained["outcome"]
+    again = run_training(cfg)
+    assert again.resumed and again.model is None and again.mlflow_run_id == first.mlflow_run_id
+    assert again.metrics[names.VAL_AP] == pytest.approx(first.metrics[names.VAL_AP])
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, base_lr=0.02))
+    with pytest.raises(ConfigError, match=r"train\.base_lr: 0\.01 -> 0\.02.*run\.name=smoke_e2e-2.*--restart"):
+        run_training(changed)
