@@ -4,7 +4,6 @@ and one mapping from the project's exceptions to exit codes (2: bad input or con
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
@@ -16,7 +15,13 @@ def docstring_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose description is the first paragraph of `doc` (an entry point's module docstring) and whose
     epilog is the rest, kept verbatim: it holds the command synopsis and examples shown by ``--help``."""
     head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show Ray's, Ray Data's and MLflow's own output (quiet by default)"
+    )
+    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, set_example: str) -> None:
@@ -32,8 +37,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, s
     )
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def setup_logging(verbose: bool = False) -> None:
+    """The console: our lines with a time stamp; the libraries' own output only with --verbose."""
+    from pipelines import console
+
+    console.setup(verbose)
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:

@@ -23,6 +23,9 @@ TRAIN_EPOCH = "train/epoch"
 TRAIN_EPOCH_IMAGES_PER_S = "train/epoch_images_per_s"
 TRAIN_WORLD_SIZE = "train/world_size"  # workers in the group now (elastic runs change it)
 TRAIN_GLOBAL_BATCH = "train/global_batch"  # images per optimizer step now: per-worker batch x world size
+# The first step's loss of a fresh run, before any update (mean over the ranks), logged once at step 0: what the
+# prior π sets (the paper's §3.3: with π = 0.5 the background anchors swamp it). Not logged again on resume.
+TRAIN_INITIAL_LOSS = "train/initial_loss"
 CHECKPOINT_SECONDS = "checkpoint/seconds"  # how long the ranks waited for rank 0 to write (and, sync, upload) it
 # Every checkpoint's score for Ray's retention: val/AP for an evaluated checkpoint, -1 for a step checkpoint (so
 # Ray keeps the best evaluated ones plus the latest, and never scores a checkpoint by a missing key).
@@ -30,6 +33,19 @@ CHECKPOINT_SCORE = "checkpoint/score"
 STEP_CHECKPOINT_SCORE = -1.0
 STEP = "step"  # optimizer steps done, in every report
 EPOCH = "epoch"  # epochs completed; Tune's ASHA counts time in it
+
+# pipelines/evaluate.py --loss-analysis: the paper's Figure 4 on a stored model (pipelines/inference/loss_analysis.py)
+LOSS_ANALYSIS_PREFIX = "loss_analysis/"
+LOSS_ANALYSIS_KINDS = {"negative": "neg", "positive": "pos"}  # the curve → its short name in a metric
+LOSS_ANALYSIS_NUM_NEGATIVES = "loss_analysis/num_negatives"  # background anchors analysed
+LOSS_ANALYSIS_NUM_POSITIVES = "loss_analysis/num_positives"  # foreground anchors analysed
+LOSS_ANALYSIS_NUM_IGNORED = "loss_analysis/num_ignored"  # anchors between the matcher's thresholds: in no curve
+
+
+def loss_analysis_metric(gamma: float, kind: str, fraction: float) -> str:
+    """The share of `kind`'s loss carried by its hardest `fraction` at γ: loss_analysis/gamma_2/neg_hardest_1pct."""
+    return f"{LOSS_ANALYSIS_PREFIX}gamma_{gamma:g}/{LOSS_ANALYSIS_KINDS[kind]}_hardest_{100 * fraction:g}pct"
+
 
 # ---------------------------------------------------------------------------------------------- MLflow tags
 RUN_KEY_TAG = "retina.run_key"  # <storage_path>/<run name>: finds the MLflow run of a Train run on resume

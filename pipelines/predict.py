@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     if args.score_threshold is not None and not 0 <= args.score_threshold < 1:
         print(f"predict: --score-threshold must be in [0, 1), got {args.score_threshold}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --output")
     args = parser.parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
 
     def body() -> int:
         from pipelines.data.prepare import prepare

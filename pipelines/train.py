@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
 
     def body() -> int:
         cfg = load_config(args.config, args.overrides)  # a bad key stops here, before Ray starts

@@ -24,12 +24,11 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from cluster import s3
 from cluster.storage import absolute, storage_location
 from pipelines import names
-from pipelines.data.shards import num_images
 from pipelines.tracking import store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
-from pipelines.training.run import prepare_run
+from pipelines.training.run import prepare_run, steps_per_epoch
 from pipelines.training.trainer import read_checkpoint
 from retina.config import flatten, to_dict
 from tuning import results as res
@@ -57,6 +56,7 @@ class SearchOutcome:
     champion: res.ChampionDecision | None
     resumed: bool
     seconds: float
+    paper_table: str = ""  # a grid over one or two hyperparameters: the paper's layout (tuning.results)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -71,12 +71,8 @@ def with_search_defaults(cfg: SearchConfig) -> SearchConfig:
 
 
 def expected_epochs(cfg: SearchConfig) -> int:
-    """Epochs a full trial runs: train.max_steps over the steps one pass of the train split gives each worker."""
-    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
-    world = cfg.scaling.num_workers
-    # every worker gets an equal part of the rows (the train split is equal=True) and drops its last partial batch
-    steps_per_epoch = max(1, (images // world) // max(1, cfg.data.batch_size // world))
-    return math.ceil(cfg.train.max_steps / steps_per_epoch)
+    """Epochs a full trial runs: train.max_steps over the steps of one pass of the train split."""
+    return math.ceil(cfg.train.max_steps / steps_per_epoch(cfg))
 
 
 def build_scheduler(cfg: SearchConfig, epochs: int) -> TrialScheduler | None:
@@ -168,16 +164,30 @@ def register_best(
     return logged, val_ap
 
 
-def _log_results(client: MlflowClient, parent: str, rows: list[res.TrialRow], cfg: SearchConfig, table: str) -> None:
+def paper_dims(cfg: SearchConfig) -> list | None:
+    """The searched dimensions when the search is a grid the paper's table can show (one or two), else None."""
+    dims = searched(cfg.tuning)
+    return dims if cfg.tuning.search_alg == "grid" and res.paper_layout(dims) is not None else None
+
+
+def _log_results(
+    client: MlflowClient, parent: str, rows: list[res.TrialRow], cfg: SearchConfig, table: str, paper: str
+) -> None:
     dims = searched(cfg.tuning)
     with tempfile.TemporaryDirectory() as tmp:
         res.write_csv(rows, dims, Path(tmp) / "results.csv")
         (Path(tmp) / "results.txt").write_text(table + "\n")
+        if paper:  # the study presets (configs/focal_study.yaml): the paper's Table 1 layout
+            res.write_paper_csv(rows, dims, Path(tmp) / "paper_table.csv")
+            (Path(tmp) / "paper_table.txt").write_text(paper + "\n")
         client.log_artifacts(parent, tmp, "search")
     fig = res.plot(rows, dims)
     client.log_figure(parent, fig, "search/val_AP_vs_hyperparameters.png")
+    if paper:
+        client.log_figure(parent, res.heatmap(rows, dims), "search/val_AP_heatmap.png")
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped", "failed")}
     metrics = {f"search/trials_{s}": float(n) for s, n in counts.items()}
+    metrics["search/trials_diverged"] = float(sum(r.diverged for r in rows))  # among the failed ones
     aps = [r.best_ap for r in rows if r.best_ap is not None and r.status != "failed"]
     if aps:
         metrics["search/best_val_AP"] = max(aps)
@@ -216,14 +226,17 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
         else:
             tuner = _new_tuner(cfg, trainable, storage, filesystem, parent_id, tracking_uri)
         tuner.fit()
-        rows = res.collect(experiment_path, filesystem)
+        client = MlflowClient(tracking_uri)
+        rows = res.with_initial_losses(res.collect(experiment_path, filesystem), client, parent_id)
         table = res.format_table(rows, searched(t))
-        _log_results(MlflowClient(tracking_uri), parent_id, rows, cfg, table)
+        dims = paper_dims(cfg)
+        paper = res.format_paper_table(rows, dims) if dims and rows else ""
+        _log_results(client, parent_id, rows, cfg, table, paper)
         best = res.best_row(rows)
         best_run_id, model, champion = _register_best_trial(cfg, best, parent_id, tracking_uri, filesystem)
         status.status = "FINISHED" if best is not None else "FAILED"
     return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, best, best_run_id, model, champion,
-                         resumed or parent_resumed, time.time() - started)  # fmt: skip
+                         resumed or parent_resumed, time.time() - started, paper)  # fmt: skip
 
 
 def _register_best_trial(
@@ -298,6 +311,7 @@ def summary(outcome: SearchOutcome) -> str:
         "",
         outcome.table,
         "",
+        *([outcome.paper_table, ""] if outcome.paper_table else []),
         f"  search folder (restore): {outcome.experiment_path}",
         f"  MLflow parent run:       {outcome.parent_run_id} in {outcome.tracking_uri}",
     ]

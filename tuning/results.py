@@ -2,17 +2,25 @@
 searched hyperparameter, and the champion decision for the best trial's registered model.
 
 The table is read back from the Tune experiment on storage (`ray.tune.ExperimentAnalysis`), not from the
-driver's memory, so a resumed search reports the trials of every attempt.
+driver's memory, so a resumed search reports the trials of every attempt; each trial's initial loss comes from
+its MLflow child run (the worker loop logs it at step 0; Tune never sees it).
+
+A grid over one or two hyperparameters (the focal-loss study presets, configs/focal_study.yaml) also gets the
+paper's layout (Lin et al. 2017, Table 1): rows the first searched hyperparameter (γ, or π), columns the second
+(α), each cell AP / AP50 / AP75 of that trial's best evaluation, "diverged" or "failed" where it has none; as
+text, CSV and an AP heatmap.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
@@ -20,8 +28,19 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from pipelines.names import CHAMPION_TAG_PREFIX, TRIAL_FINISHED_KEY, VERSION_VAL_AP_TAG
+from pipelines.names import (
+    CHAMPION_TAG_PREFIX,
+    MLFLOW_PARENT_TAG,
+    TRAIN_INITIAL_LOSS,
+    TRIAL_FINISHED_KEY,
+    TRIAL_ID_TAG,
+    VAL_AP50,
+    VAL_AP75,
+    VERSION_VAL_AP_TAG,
+)
 from tuning.space import METRIC, Dimension
+
+DIVERGED_ERROR = "NonFiniteLossError"  # the driver's exception for a run whose loss stopped being finite
 
 
 @dataclass
@@ -34,6 +53,14 @@ class TrialRow:
     status: str  # completed | stopped (by ASHA) | failed | pending/running (search interrupted)
     error: str = ""
     checkpoints: list[str] = field(default_factory=list)  # checkpoint paths, best val/AP first
+    ap50: float | None = None  # val/AP50 and val/AP75 of the evaluation with the best val/AP
+    ap75: float | None = None
+    initial_loss: float | None = None  # train/initial_loss of its MLflow run (None: not logged, or non-finite)
+
+    @property
+    def diverged(self) -> bool:
+        """The trial failed because its loss stopped being finite (not a crash or a lost node)."""
+        return self.status == "failed" and DIVERGED_ERROR in self.error
 
 
 def _status(trial: Any) -> str:
@@ -55,24 +82,46 @@ def _error_line(trial: Any) -> str:
     return (kind.rsplit(".", 1)[-1] + sep + message)[:300]
 
 
+def _evaluations(df: Any) -> dict[str, Any]:
+    """From a trial's Tune results: best val/AP, AP50/AP75 of that evaluation, epochs, checkpoints best first."""
+    if df is None or METRIC not in df.columns or not df[METRIC].notna().any():
+        return {}
+    best = df.loc[df[METRIC].idxmax()]
+    out: dict[str, Any] = {
+        "best_ap": float(best[METRIC]),
+        "epochs": int(df["epoch"].max()) if "epoch" in df.columns else len(df),
+        "ap50": float(best[VAL_AP50]) if VAL_AP50 in df.columns else None,
+        "ap75": float(best[VAL_AP75]) if VAL_AP75 in df.columns else None,
+    }
+    if CHECKPOINT_PATH_KEY in df.columns:
+        order = df.sort_values([METRIC, "epoch" if "epoch" in df.columns else METRIC], ascending=False)
+        out["checkpoints"] = [p for p in order[CHECKPOINT_PATH_KEY].tolist() if isinstance(p, str) and p]
+    return out
+
+
 def collect(experiment_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> list[TrialRow]:
     """One row per trial of the experiment at `experiment_path` (Tune's storage), in creation order."""
     analysis = ExperimentAnalysis(experiment_path, storage_filesystem=filesystem)
     frames = analysis.trial_dataframes
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: str(t)):  # names start with the zero-padded number
-        df = frames.get(trial.trial_id)
-        best_ap, epochs, checkpoints = None, 0, []
-        if df is not None and METRIC in df.columns and df[METRIC].notna().any():
-            best_ap = float(df[METRIC].max())
-            epochs = int(df["epoch"].max()) if "epoch" in df.columns else len(df)
-            if CHECKPOINT_PATH_KEY in df.columns:
-                order = df.sort_values([METRIC, "epoch" if "epoch" in df.columns else METRIC], ascending=False)
-                checkpoints = [p for p in order[CHECKPOINT_PATH_KEY].tolist() if isinstance(p, str) and p]
+        found = {"best_ap": None, "epochs": 0, **_evaluations(frames.get(trial.trial_id))}
         error = _error_line(trial) if trial.status == "ERROR" else ""
         params = {k: float(v) for k, v in (trial.config or {}).items() if isinstance(v, (int, float))}
-        rows.append(TrialRow(str(trial), trial.trial_id, params, best_ap, epochs, _status(trial), error, checkpoints))
+        rows.append(TrialRow(str(trial), trial.trial_id, params, status=_status(trial), error=error, **found))
     return rows
+
+
+def with_initial_losses(rows: list[TrialRow], client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
+    """`rows` with each trial's ``train/initial_loss`` from its MLflow child run (one search over the children)."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_TAG}` = '{parent_run_id}'")
+    losses = {
+        c.data.tags[TRIAL_ID_TAG]: c.data.metrics[TRAIN_INITIAL_LOSS]
+        for c in children
+        if TRIAL_ID_TAG in c.data.tags and TRAIN_INITIAL_LOSS in c.data.metrics
+    }
+    return [dataclasses.replace(r, initial_loss=losses.get(r.trial_id, r.initial_loss)) for r in rows]
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
@@ -121,11 +170,16 @@ def write_csv(rows: list[TrialRow], dims: list[Dimension], path: str | Path) -> 
     path = Path(path)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", *[d.name for d in dims], "best_val_AP", "epochs", "status", "error"])
+        w.writerow(["trial", *[d.name for d in dims], "best_val_AP", "epochs", "status", "error",
+                    "val_AP50", "val_AP75", "initial_loss", "diverged"])  # fmt: skip
         for r in rows:
-            w.writerow([r.name, *[r.params.get(d.name, "") for d in dims],
-                        "" if r.best_ap is None else r.best_ap, r.epochs, r.status, r.error])  # fmt: skip
+            w.writerow([r.name, *[r.params.get(d.name, "") for d in dims], _blank(r.best_ap), r.epochs, r.status,
+                        r.error, _blank(r.ap50), _blank(r.ap75), _blank(r.initial_loss), r.diverged])  # fmt: skip
     return path
+
+
+def _blank(v: float | None) -> float | str:
+    return "" if v is None else v
 
 
 def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
@@ -147,6 +201,157 @@ def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{METRIC} per trial")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ paper layout
+
+
+def paper_layout(dims: list[Dimension]) -> tuple[Dimension, Dimension | None] | None:
+    """(rows, columns) of the paper's table for these searched dimensions: γ × α, or π alone; None for more."""
+    if len(dims) in (1, 2):
+        return dims[0], (dims[1] if len(dims) == 2 else None)
+    return None
+
+
+@dataclass
+class PaperGrid:
+    """The trials of a 1- or 2-dimensional grid, placed: cells[(row value, column value)] (column value None
+    without a column dimension)."""
+
+    row_dim: Dimension
+    col_dim: Dimension | None
+    row_values: list[float]
+    col_values: list[float | None]
+    cells: dict[tuple[float, float | None], TrialRow]
+
+    def cell(self, row: float, col: float | None) -> TrialRow | None:
+        return self.cells.get((row, col))
+
+
+def paper_grid(rows: list[TrialRow], dims: list[Dimension]) -> PaperGrid:
+    """Place the trials; a grid point that ran twice (a search resumed with --resume-errored) keeps its best
+    evaluated trial, else the latest."""
+    layout = paper_layout(dims)
+    if layout is None:
+        raise ValueError(f"the paper's layout needs one or two searched dimensions, got {[d.name for d in dims]}")
+    row_dim, col_dim = layout
+    cells: dict[tuple[float, float | None], TrialRow] = {}
+    for r in rows:
+        if row_dim.name not in r.params or (col_dim is not None and col_dim.name not in r.params):
+            continue
+        key = (r.params[row_dim.name], None if col_dim is None else r.params[col_dim.name])
+        old = cells.get(key)
+        if old is None or _score(r) >= _score(old):
+            cells[key] = r
+    row_values = sorted({k[0] for k in cells})
+    col_values = [None] if col_dim is None else sorted({k[1] for k in cells})
+    return PaperGrid(row_dim, col_dim, row_values, col_values, cells)
+
+
+def _score(r: TrialRow) -> float:
+    return -1.0 if r.best_ap is None else r.best_ap
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def _label(v: float | None) -> str:
+    return "" if v is None else f"{v:g}"
+
+
+def outcome(r: TrialRow) -> str:
+    """How a trial ended, with "diverged" for a non-finite loss (a kind of failed)."""
+    return "diverged" if r.diverged else r.status
+
+
+def cell_text(r: TrialRow | None) -> str:
+    """AP / AP50 / AP75 in % (the paper's precision), or why there is none."""
+    if r is None:
+        return ""
+    if r.best_ap is None:
+        return outcome(r)
+    return f"{_pct(r.best_ap)} / {_pct(r.ap50)} / {_pct(r.ap75)}"
+
+
+def _aligned(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+
+
+def _grid_lines(g: PaperGrid) -> list[list[str]]:
+    """A header line, then one line per value of the row dimension."""
+    corner = g.row_dim.name if g.col_dim is None else f"{g.row_dim.name} \\ {g.col_dim.name}"
+    header = [corner, *("AP / AP50 / AP75" if c is None else f"{g.col_dim.name}={c:g}" for c in g.col_values)]
+    body = [[_label(v), *(cell_text(g.cell(v, c)) for c in g.col_values)] for v in g.row_values]
+    return [header, *body]
+
+
+def _trial_lines(rows: list[TrialRow], dims: list[Dimension]) -> list[str]:
+    """Per trial: its hyperparameters, initial loss, whether it diverged, and how it ended."""
+    lines = [["trial", *[d.name for d in dims], "initial loss", "diverged", "status"]]
+    for r in rows:
+        status = r.status + (f" ({_short(r.error, 100)})" if r.error else "")
+        lines.append([r.name, *[_label(r.params.get(d.name)) for d in dims], _fmt(r.initial_loss),
+                      "yes" if r.diverged else "no", status])  # fmt: skip
+    return _aligned(lines)
+
+
+def format_paper_table(rows: list[TrialRow], dims: list[Dimension]) -> str:
+    """The paper's layout (cells in %, each trial's best evaluation), then every trial's initial loss and end."""
+    grid = _aligned(_grid_lines(paper_grid(rows, dims)))
+    grid.insert(1, "-" * max(len(line) for line in grid))
+    title = f"{METRIC} / AP50 / AP75 in % at each trial's best evaluation (the paper's Table 1 layout)"
+    return "\n".join([title, "", *grid, "", *_trial_lines(rows, dims)])
+
+
+def write_paper_csv(rows: list[TrialRow], dims: list[Dimension], path: str | Path) -> Path:
+    """The paper's layout as CSV: one line per row value; per column value the AP, AP50, AP75 (0..1, full
+    precision, empty without an evaluation) and how its trial ended (completed, stopped, diverged, failed)."""
+    g = paper_grid(rows, dims)
+    prefixes = ["" if c is None else f"{g.col_dim.name}={c:g} " for c in g.col_values]
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([g.row_dim.name, *[p + k for p in prefixes for k in ("AP", "AP50", "AP75", "status")]])
+        for v in g.row_values:
+            line: list[Any] = [v]
+            for c in g.col_values:
+                r = g.cell(v, c)
+                line += (
+                    ["", "", "", ""] if r is None else [_blank(r.best_ap), _blank(r.ap50), _blank(r.ap75), outcome(r)]
+                )
+            w.writerow(line)
+    return path
+
+
+def heatmap(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
+    """Best AP (%) over the paper's grid (γ × α, or π alone), each cell annotated; grey where a trial has no AP
+    (its cell says why: diverged, failed, stopped early without an evaluation)."""
+    g = paper_grid(rows, dims)
+    values = np.full((len(g.row_values), len(g.col_values)), np.nan)  # (rows, columns) AP in %
+    fig = Figure(figsize=(1.6 * len(g.col_values) + 2.6, 0.6 * len(g.row_values) + 1.8), layout="constrained")
+    ax = fig.subplots()
+    for i, v in enumerate(g.row_values):
+        for j, c in enumerate(g.col_values):
+            r = g.cell(v, c)
+            if r is not None and r.best_ap is not None:
+                values[i, j] = 100 * r.best_ap
+            text = _pct(r.best_ap) if r is not None and r.best_ap is not None else cell_text(r)
+            ax.text(j, i, text, ha="center", va="center", bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    ax.set_facecolor("lightgrey")  # masked cells (no AP) show the background
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"best {METRIC} (%)")
+    ax.set_yticks(range(len(g.row_values)), [_label(v) for v in g.row_values])
+    ax.set_ylabel(g.row_dim.name)
+    if g.col_dim is None:
+        ax.set_xticks([])
+    else:
+        ax.set_xticks(range(len(g.col_values)), [_label(c) for c in g.col_values])
+        ax.set_xlabel(g.col_dim.name)
+    pair = "" if g.col_dim is None else f" over {g.row_dim.name} × {g.col_dim.name}"
+    ax.set_title(f"best {METRIC} (%){pair}")
     return fig
 
 

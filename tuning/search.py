@@ -59,7 +59,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
 
     def body() -> int:
         cfg = load_search_config(args.config, overrides_from_args(args))  # the whole space is checked here

@@ -25,6 +25,7 @@ import ray
 
 from cluster import s3
 from cluster.connect import connect_ray
+from pipelines import console
 from pipelines.inference.detector import Prepared, load_model, prepare
 from pipelines.inference.loading import ModelSource, resolve_model
 from retina.data.coco import LabelMap
@@ -337,7 +338,7 @@ def predict(
         output = str(Path(output).absolute())
     settings = s3.S3Settings.from_env() if s3.is_s3(images) else None
     files = list_images(images, settings)
-    connect_ray(dashboard=False)  # Ray Data needs no dashboard
+    connect_ray(dashboard=False, log_to_driver=console.is_verbose())  # Ray Data needs no dashboard
     # The driver needs the label map and input sizes (one small load); actors load their own copies.
     detector = load_model(source, device="cpu", score_threshold=score_threshold)
     ds = build_pipeline(

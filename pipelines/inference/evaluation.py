@@ -3,23 +3,31 @@ behind ``python pipelines/evaluate.py`` (its --help says what the numbers mean a
 
 The computation is training's own (`pipelines.training.evaluation`): the val pipeline of `pipelines.data`, the
 same collate, `model.predict_batch`, the COCO ground truth from the shards and the same COCOeval call.
+
+With ``loss_gammas`` (``--loss-analysis``) a second streamed pass over the same val pipeline adds the paper's
+Figure 4 (`run_loss_analysis`; report and logging in `pipelines.inference.loss_analysis`). A second pass rather
+than a tap on the first: the analysis needs the anchor targets of ``classification_targets``, a forward of its
+own, and the COCO pass stays exactly training's evaluation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster import s3
 from cluster.connect import connect_ray
-from pipelines import names
+from pipelines import console, names
 from pipelines.data.datasets import build_dataset, make_collate_fn
 from pipelines.data.shards import coco_gt_from_shards, label_map, load_manifest, settings_for
 from pipelines.inference.detector import Detector, load_model
+from pipelines.inference.loss_analysis import describe, log_loss_analysis
 from pipelines.training.evaluation import evaluate
+from retina.analysis import LossConcentrationResult, analyse_batches
 from retina.data.coco import DataError
 from retina.evaluation import (
     METRICS,
@@ -49,6 +57,7 @@ class Evaluation:
     data: str
     run_id: str | None = None  # the MLflow evaluation run
     seconds: float = 0.0
+    loss_analysis: LossConcentrationResult | None = None  # with --loss-analysis: the paper's Figure 4
 
 
 def _check_labels(detector: Detector, data: str) -> None:
@@ -68,18 +77,30 @@ def val_batch_size(detector: Detector, override: int | None) -> int:
     return int(detector.train_config.get("data", {}).get("val_batch_size", 1) or 1)
 
 
+def checked_data(detector: Detector, data: str) -> str:
+    """`data` made absolute (Ray tasks run in other directories), its categories checked against the model's."""
+    if not s3.is_s3(data):
+        data = str(Path(data).absolute())
+    _check_labels(detector, data)
+    return data
+
+
+def val_batches(detector: Detector, data: str, batch_size: int) -> Iterable[dict[str, Any]]:
+    """The shards' images through training's val pipeline (decode, resize to the model's input size, collate),
+    streamed by Ray Data in shard order, `batch_size` images padded together."""
+    inp = detector.cfg.input
+    ds = build_dataset(data, train=False, min_sizes=[inp.min_size], max_size=inp.max_size)
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(inp))
+
+
 def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation:
     """Predict every image of the shards (streamed through Ray Data) and score with COCOeval."""
     started = time.time()
-    if not s3.is_s3(data):
-        data = str(Path(data).absolute())  # Ray tasks run in other directories
-    _check_labels(detector, data)
-    inp = detector.cfg.input
+    data = checked_data(detector, data)
     names = dict(zip(detector.label_map.coco_ids, detector.label_map.names, strict=True))
-    ds = build_dataset(data, train=False, min_sizes=[inp.min_size], max_size=inp.max_size)
     result = evaluate(  # training's evaluation function, on the driver: one consumer, rows in shard order
         detector.model,
-        ds.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(inp)),
+        val_batches(detector, data, batch_size),
         coco_ids=list(detector.label_map.coco_ids),
         load_gt=lambda: coco_gt_from_shards(data),
         device=detector.device,
@@ -97,6 +118,16 @@ def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation
         data=data,
         seconds=time.time() - started,
     )
+
+
+def run_loss_analysis(
+    detector: Detector, data: str, batch_size: int, gammas: Sequence[float]
+) -> LossConcentrationResult:
+    """The paper's Figure 4 for the model on the shards at `data`: every val image through the same pipeline as
+    `run_evaluation`, the class outputs in fp32 (as the AP sees them), α the model's own. Streamed: memory is
+    one batch plus fixed histograms."""
+    data = checked_data(detector, data)
+    return analyse_batches(detector.model, val_batches(detector, data, batch_size), gammas, detector.device)
 
 
 def _experiment_id(client: Any, detector: Detector, name: str | None) -> str:
@@ -149,10 +180,12 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
         metrics += [Metric(k, v, now, 0) for k, v in extra.items()]
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         log_metric_batch(client, run_id, metrics)
-        report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id")}
+        report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id", "loss_analysis")}
         client.log_dict(run_id, report, "evaluation/report.json")
         text = "\n".join([evaluation.report, agnostic_line(evaluation.agnostic, evaluation.metrics)])
         client.log_text(run_id, text, "evaluation/cocoeval.txt")
+        if evaluation.loss_analysis is not None:
+            log_loss_analysis(client, run_id, evaluation.loss_analysis)
         if src.registered_name and src.version:
             for k, v in evaluation.metrics.items():
                 client.set_model_version_tag(
@@ -171,13 +204,18 @@ def evaluate_model(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     log: bool = True,
+    loss_gammas: Sequence[float] | None = None,
 ) -> Evaluation:
-    """Load `model`, evaluate on the shards at `data`, log to MLflow (unless log=False)."""
+    """Load `model`, evaluate on the shards at `data`, log to MLflow (unless log=False). With `loss_gammas`
+    also the loss concentration at those γ (`Evaluation.loss_analysis`), logged into the same run."""
     from pipelines.tracking.store import resolve_tracking_uri
 
     detector = load_model(model, tracking_uri=tracking_uri)
-    connect_ray(dashboard=False)
-    evaluation = run_evaluation(detector, data, val_batch_size(detector, batch_size))
+    connect_ray(dashboard=False, log_to_driver=console.is_verbose())
+    size = val_batch_size(detector, batch_size)
+    evaluation = run_evaluation(detector, data, size)
+    if loss_gammas is not None:
+        evaluation.loss_analysis = run_loss_analysis(detector, data, size, loss_gammas)
     if log:
         uri = detector.source.tracking_uri or resolve_tracking_uri(tracking_uri or "")
         evaluation.run_id = log_evaluation(detector, evaluation, uri, experiment)
@@ -197,6 +235,8 @@ def format_table(evaluation: Evaluation) -> str:
         lines.append(per_class_table(evaluation.per_class))
     if evaluation.agnostic:
         lines.append(agnostic_line(evaluation.agnostic, evaluation.metrics))
+    if evaluation.loss_analysis is not None:
+        lines.append(describe(evaluation.loss_analysis))
     if evaluation.run_id:
         lines.append(f"  logged to MLflow run {evaluation.run_id}")
     return "\n".join(lines)

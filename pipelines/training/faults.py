@@ -7,6 +7,7 @@ variables do not reach workers of an already running Ray cluster). Never set it 
     RETINA_TEST_FAULTS='{"fail_at_step": 5, "fail_marker": "/tmp/failed-once"}'   # one rank raises once
     RETINA_TEST_FAULTS='{"nan_at_step": 5}'                                      # the loss turns NaN
     RETINA_TEST_FAULTS='{"nan_trials": [1]}'                                     # search: trial 1 diverges
+    RETINA_TEST_FAULTS='{"step_delay_s": 0.3}'                                   # each step takes >= 0.3 s
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ class Faults:
     fail_marker: str = ""  # ...and creates this file, so the restarted run does not raise again
     nan_at_step: int = -1  # the class loss is multiplied by NaN at this step (flows into the gradients)
     nan_trials: list[int] = field(default_factory=list)  # search: these trials (0-based) get nan_at_step=0
+    step_delay_s: float = 0.0  # every step takes at least this long: cluster events land at predictable steps
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -42,7 +45,10 @@ class Faults:
         return dataclasses.replace(self, nan_at_step=0) if number in self.nan_trials else self
 
     def maybe_fail(self, step: int, rank: int, world: int) -> None:
-        """Raise once at `fail_at_step` on rank 1 (0 with one worker); the marker file remembers it."""
+        """Raise once at `fail_at_step` on rank 1 (0 with one worker); the marker file remembers it. Also slows
+        every step down to `step_delay_s`."""
+        if self.step_delay_s > 0:
+            time.sleep(self.step_delay_s)
         if step != self.fail_at_step or rank != min(1, world - 1):
             return
         marker = Path(self.fail_marker)

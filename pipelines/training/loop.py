@@ -32,6 +32,7 @@ from typing import Any
 
 import ray.train
 import torch
+import torch.distributed as dist
 
 from pipelines import names
 from pipelines.config import Config
@@ -159,6 +160,8 @@ def train_one_epoch(
         # checkpoint after this step when it is due by steps or by rank 0's clock.
         host = torch.tensor([float(is_last), float(_checkpoint_due(w, progress))], device=parts.device)
         flags = all_reduce(torch.cat([result.bad.float().reshape(1), host]))  # [non-finite, out of data, ckpt]
+        if progress.step == 0:  # a fresh run's first step (a resumed run starts past it): what π starts from
+            _log_initial_loss(w, result)
         if bool(flags[0]):
             message = _nonfinite_message(progress.step, result)
             logger.error("rank %d: %s", w.rank, message)
@@ -180,6 +183,13 @@ def train_one_epoch(
         if progress.step >= t.max_steps or bool(flags[1]):
             return None
     return None
+
+
+def _log_initial_loss(w: Worker, result: StepResult) -> None:
+    """train/initial_loss at step 0: the first batch's loss before any update, averaged over the ranks (one extra
+    collective, once per run). A non-finite one is not logged (RunLogger drops it; the run stops as diverged)."""
+    loss = all_reduce(result.loss.detach().float().reshape(1), dist.ReduceOp.SUM) / w.world
+    w.tracker.log_metrics({names.TRAIN_INITIAL_LOSS: float(loss)}, 0)
 
 
 def _checkpoint_due(w: Worker, progress: Progress) -> bool:

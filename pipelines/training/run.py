@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import ray.train
 from cluster import s3
 from cluster.connect import connect_ray
 from cluster.storage import absolute, storage_location
-from pipelines import names
+from pipelines import console, names
 from pipelines.config import Config
 from pipelines.data.datasets import datasets_from_config
 from pipelines.data.sample import ensure_sample_data
-from pipelines.data.shards import check_shards
+from pipelines.data.shards import check_shards, num_images
 from pipelines.tracking import plots, store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.capacity import check_capacity
@@ -67,9 +68,13 @@ def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
     """What every training run (and every search) does first: absolute paths, Ray, the sample data on first use,
     and the shards' checks; returns the config to hand on and the label map (JSON form)."""
     cfg = with_absolute_paths(cfg)
-    connect_ray(cpus_needed=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    check_capacity(cfg.scaling, cfg.run.storage_path)  # fail fast, not a job that waits forever
+    logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
+    sc = cfg.scaling
+    connect_ray(cpus_needed=sc.num_workers * sc.cpus_per_worker, log_to_driver=console.is_verbose())
+    fit_ = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
+    logger.info("Ray: %g CPUs, %g GPUs on %d node(s)", fit_.total.get("CPU", 0), fit_.total.get("GPU", 0), fit_.nodes)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars drown the step logs
+    console.quiet_libraries()
     ensure_sample_data(cfg.data)
     return cfg, check_shards(cfg.data, cfg.model.num_classes).to_json()
 
@@ -118,10 +123,30 @@ def run_training(cfg: Config, config_path: str | None = None, *, restart: bool =
         if config_path:
             client.log_artifact(run_id, config_path, "config")
         client.log_dict(run_id, labels, "label_map.json")
-        result = fit(cfg, tracking_uri, run_id, labels, faults=Faults.from_env())
+        sc, t = cfg.scaling, cfg.train
+        workers = f"{sc.min_workers}..{sc.num_workers}" if sc.elastic else str(sc.num_workers)
+        logger.info("training %s: %s workers x %g CPUs%s, %d steps, batch %d -> MLflow run %s", cfg.run.name, workers,
+                    sc.cpus_per_worker, " + 1 GPU" if sc.use_gpu else "", t.max_steps, cfg.data.batch_size,
+                    run_id)  # fmt: skip
+        progress = console.TrainingProgress(tracking_uri, run_id, console.Plan(t.max_steps, steps_per_epoch(cfg)))
+        progress.start()
+        try:
+            result = fit(cfg, tracking_uri, run_id, labels, faults=Faults.from_env())
+        finally:
+            progress.stop()
         metrics = dict(result.metrics or {})  # those of the latest checkpoint
+        logger.info("logging and registering the model (the best checkpoint by %s)", names.VAL_AP)
         logged, best_path = _finish(cfg, result, tracking_uri, run_id, labels)
     return TrainOutcome(run_dir, run_id, tracking_uri, metrics, best_path, logged, resumed, time.time() - started)
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    """Optimizer steps in one pass over the train split with the full group (each rank drops its last partial
+    batch)."""
+    world = cfg.scaling.num_workers
+    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
+    # every worker gets an equal part of the rows (the train split is equal=True) and drops its last partial batch
+    return max(1, (images // world) // max(1, cfg.data.batch_size // world))
 
 
 def _finished(cfg: Config, run: Any, params: dict, run_dir: str, tracking_uri: str, started: float) -> TrainOutcome:

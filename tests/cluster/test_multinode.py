@@ -26,15 +26,20 @@ pytestmark = pytest.mark.slow
 
 SLOT = "retina_test_slot"
 HEAD = "retina_test_head"  # only the head has it: the search's trial drivers ask for a little of it
-STEPS, EVERY = 40, 2  # train.max_steps, run.checkpoint_every_steps
+STEPS, EVERY = 80, 4  # train.max_steps, run.checkpoint_every_steps
+# Every step takes >= 0.3 s, so the events below land mid-run whatever the machine's speed, and a checkpoint
+# (every 1.2 s or more) is never faster than Ray Train's 0.25 s polling of the workers' reports: with
+# asynchronous uploads, reports the controller has not collected when a group stops are lost (docs/cluster.md).
+PACE = {"RETINA_TEST_FAULTS": '{"step_delay_s": 0.3}'}
 # Ray Train's checks, faster than their defaults so that the scenarios take seconds, not minutes: the workers'
 # health (2 s), node drains (5 s), and how long a worker group may wait for its placement (60 s).
 FAST_RAY_TRAIN = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
 }
-DRAIN_DEADLINE_S = 8
+DRAIN_DEADLINE_S = 5
+SEARCH_STEPS = 40
 
 
 @pytest.fixture
@@ -73,9 +78,10 @@ def start_training(c, smoke_data, tmp_path: Path, storage: str, *extra: str) -> 
         *extra,
     ]
     log = tmp_path / "driver.log"
-    command = [sys.executable, "pipelines/train.py", "--config", "configs/smoke.yaml"]
+    # --verbose: the assertions read Ray Train's own lines (restarts, their causes) and the workers' step lines
+    command = [sys.executable, "pipelines/train.py", "--verbose", "--config", "configs/smoke.yaml"]
     command += [arg for o in overrides for arg in ("--set", o)]
-    env = {**os.environ, "RAY_ADDRESS": c.address, **FAST_RAY_TRAIN}
+    env = {**os.environ, "RAY_ADDRESS": c.address, **FAST_RAY_TRAIN, **PACE}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     return proc, log
 
@@ -226,7 +232,7 @@ def test_search_trial_loses_its_node(cluster, smoke_data, s3_server, tmp_path): 
         f"scaling.resources_per_worker={{{SLOT}: 1}}",
         "model.backbone.name=resnet10",
         "model.backbone.width=16",
-        "train.max_steps=16",
+        f"train.max_steps={SEARCH_STEPS}",
         "train.log_every=1",
         "train.eval_every_epochs=100",
         "train.num_logged_images=0",
@@ -240,9 +246,9 @@ def test_search_trial_loses_its_node(cluster, smoke_data, s3_server, tmp_path): 
         f"tuning.driver_resources={{{HEAD}: 0.01}}",
     ]
     log = tmp_path / "search.log"
-    command = [sys.executable, "tuning/search.py", "--config", "configs/smoke.yaml"]
+    command = [sys.executable, "tuning/search.py", "--verbose", "--config", "configs/smoke.yaml"]
     command += [arg for o in overrides for arg in ("--set", o)]
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, **FAST_RAY_TRAIN}
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, **FAST_RAY_TRAIN, **PACE}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def trial_checkpoints() -> dict[str, int]:
@@ -274,4 +280,4 @@ def test_search_trial_loses_its_node(cluster, smoke_data, s3_server, tmp_path): 
     assert len(resumed) == 1 and resumed[0] >= EVERY, resumed  # the hit trial, from its step checkpoint
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, names.TRAIN_LOSS)]
-        assert steps == list(range(1, 17)), steps
+        assert steps == list(range(1, SEARCH_STEPS + 1)), steps
