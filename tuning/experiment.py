@@ -33,7 +33,7 @@ from pipelines.training.trainer import read_checkpoint
 from retina.config import flatten, to_dict
 from tuning import results as res
 from tuning.config import SearchConfig
-from tuning.space import METRIC, build_searcher, grid_size, grid_space, searched
+from tuning.space import METRIC, Dimension, build_searcher, grid_size, grid_space, searched
 from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, run_trial
 
 logger = logging.getLogger("retina.tune")
@@ -164,7 +164,7 @@ def register_best(
     return logged, val_ap
 
 
-def paper_dims(cfg: SearchConfig) -> list | None:
+def paper_dims(cfg: SearchConfig) -> list[Dimension] | None:
     """The searched dimensions when the search is a grid the paper's table can show (one or two), else None."""
     dims = searched(cfg.tuning)
     return dims if cfg.tuning.search_alg == "grid" and res.paper_layout(dims) is not None else None

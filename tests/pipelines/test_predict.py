@@ -280,3 +280,19 @@ def test_cli_help_and_bad_uri_exit_code(trained, tmp_path, capsys):
     )  # fmt: skip
     assert proc.returncode == 2 and "evaluate: error: " in proc.stderr, proc.stderr
     assert "models:/no-such-model@x" in proc.stderr, proc.stderr
+
+
+def test_loss_analysis_of_the_trained_model_on_the_val_shards(trained):
+    """The paper's Figure 4 through evaluate's val pipeline: on the trained model, the hardest 5 % of the negative
+    anchors carry a larger share of the loss at γ = 2 than at γ = 0 (cross entropy)."""
+    from pipelines.inference.evaluation import evaluate_model, format_table
+
+    evaluation = evaluate_model(f"models:/{MODEL_NAME}@smoke", trained.val_shards, tracking_uri=trained.tracking_uri,
+                                log=False, loss_gammas=(0.0, 2.0))  # fmt: skip
+    result = evaluation.loss_analysis
+    assert evaluation.run_id is None and [g.gamma for g in result.per_gamma] == [0.0, 2.0]
+    ce, focal = result.gamma(0.0), result.gamma(2.0)
+    assert ce.negative.count == focal.negative.count > 1000 and ce.positive.count > 0  # every val anchor, once
+    assert focal.negative.hardest_share[0.05] > ce.negative.hardest_share[0.05], (ce.negative, focal.negative)
+    assert result.alpha == trained.cfg.model.loss.alpha  # the model's own α
+    assert "Loss concentration" in format_table(evaluation)  # printed after the AP table

@@ -106,3 +106,111 @@ def test_champion_respects_min_ap_and_untagged_champion(registry):
     v3 = _version(registry, 0.9)
     assert not res.promote_if_better(registry, "det", "champion", v3, 0.9).moved
     assert _champion(registry) == hand
+
+
+# ------------------------------------------------------------------------------------------------ the paper's layout
+
+GAMMA_ALPHA = [d for d in DIMENSIONS if d.name in ("gamma", "alpha")]
+PRIOR = [d for d in DIMENSIONS if d.name == "prior"]
+DIVERGED = "NonFiniteLossError: non-finite loss at step 0: rank 0: loss=nan loss_cls=nan loss_box=0.52"
+STUDY_ROWS = [  # a γ × α grid: four evaluated cells, one diverged, one crashed, one stopped before its evaluation
+    res.TrialRow("trial_000_a", "a", {"gamma": 0.0, "alpha": 0.25}, 0.108, 2, "completed", "", ["c"], 0.2, 0.1, 5.2),
+    res.TrialRow("trial_001_b", "b", {"gamma": 0.0, "alpha": 0.75}, 0.311, 2, "completed", "", ["c"], 0.49, 0.33, 4.0),
+    res.TrialRow("trial_002_c", "c", {"gamma": 2.0, "alpha": 0.25}, 0.34, 2, "completed", "", ["c"], 0.525, 0.365, 1.1),
+    res.TrialRow("trial_003_d", "d", {"gamma": 2.0, "alpha": 0.75}, None, 0, "failed", DIVERGED, [], initial_loss=0.9),
+    res.TrialRow("trial_004_e", "e", {"gamma": 5.0, "alpha": 0.25}, None, 0, "failed", "RuntimeError: lost node", []),
+    res.TrialRow("trial_005_f", "f", {"gamma": 5.0, "alpha": 0.75}, None, 0, "stopped", "", []),
+    res.TrialRow("trial_006_g", "g", {"gamma": 0.5, "alpha": 0.25}, 0.2, 1, "completed", "", ["c"]),  # no AP50/75
+]
+
+
+def test_diverged_is_a_failed_trial_with_a_non_finite_loss():
+    assert [r.diverged for r in STUDY_ROWS] == [False, False, False, True, False, False, False]
+    assert ROWS[2].diverged and not ROWS[0].diverged
+
+
+def test_paper_table_rows_gamma_columns_alpha_with_failed_and_diverged_cells():
+    assert res.paper_layout(GAMMA_ALPHA) == tuple(GAMMA_ALPHA) and res.paper_layout(DIMS) is None
+    lines = res.format_paper_table(STUDY_ROWS, GAMMA_ALPHA).splitlines()
+    grid = [[c.strip() for c in line.split("|")] for line in lines[2:8] if "|" in line]
+    assert grid == [
+        ["gamma \\ alpha", "alpha=0.25", "alpha=0.75"],
+        ["0", "10.8 / 20.0 / 10.0", "31.1 / 49.0 / 33.0"],
+        ["0.5", "20.0 / - / -", ""],  # a cell the grid never ran stays empty
+        ["2", "34.0 / 52.5 / 36.5", "diverged"],
+        ["5", "failed", "stopped"],
+    ]
+    trials = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]] for line in lines[9:]}
+    assert trials["trial_003_d"] == ["2", "0.75", "0.9000", "yes", "failed (" + DIVERGED + ")"]
+    assert trials["trial_004_e"][2:] == ["-", "no", "failed (RuntimeError: lost node)"]
+    assert trials["trial_000_a"][2:4] == ["5.2000", "no"]
+
+
+def test_paper_csv_has_numbers_and_the_status_of_every_cell(tmp_path):
+    path = res.write_paper_csv(STUDY_ROWS, GAMMA_ALPHA, tmp_path / "paper.csv")
+    with path.open() as f:
+        table = {r["gamma"]: r for r in csv.DictReader(f)}
+    assert list(table) == ["0.0", "0.5", "2.0", "5.0"]
+    assert float(table["2.0"]["alpha=0.25 AP"]) == 0.34 and float(table["2.0"]["alpha=0.25 AP75"]) == 0.365
+    assert table["2.0"]["alpha=0.75 status"] == "diverged" and table["2.0"]["alpha=0.75 AP"] == ""
+    assert table["5.0"]["alpha=0.25 status"] == "failed" and table["0.5"]["alpha=0.75 status"] == ""
+    # the per-trial CSV gains AP50/AP75, the initial loss and the diverged flag (after the original columns)
+    with res.write_csv(STUDY_ROWS, GAMMA_ALPHA, tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["diverged"] for r in rows[2:5]] == ["False", "True", "False"]
+    assert float(rows[0]["initial_loss"]) == 5.2 and rows[4]["initial_loss"] == "" and rows[6]["val_AP50"] == ""
+
+
+def test_heatmap_colours_evaluated_cells_and_labels_the_others(tmp_path):
+    fig = res.heatmap(STUDY_ROWS, GAMMA_ALPHA)
+    ax = fig.get_axes()[0]
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("gamma", "alpha")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "0.5", "2", "5"]
+    values = ax.get_images()[0].get_array()  # (γ, α) AP in %, masked where a trial has no AP
+    assert values[2, 0] == pytest.approx(34.0) and values.mask.tolist() == [
+        [False, False], [False, True], [False, True], [True, True]
+    ]  # fmt: skip
+    assert {"diverged", "failed", "stopped", "34.0"} <= {t.get_text() for t in ax.texts}
+    fig.savefig(tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
+
+
+def test_prior_study_has_one_row_per_pi():
+    rows = [
+        res.TrialRow("trial_000_a", "a", {"prior": 0.5}, None, 0, "failed", DIVERGED, [], initial_loss=60.0),
+        res.TrialRow("trial_001_b", "b", {"prior": 0.1}, 0.2, 2, "completed", "", ["c"], 0.3, 0.2, 5.0),
+        res.TrialRow("trial_002_c", "c", {"prior": 0.01}, 0.25, 2, "completed", "", ["c"], 0.4, 0.25, 1.2),
+    ]
+    lines = res.format_paper_table(rows, PRIOR).splitlines()
+    assert [c.strip() for c in lines[2].split("|")] == ["prior", "AP / AP50 / AP75"]
+    assert [[c.strip() for c in line.split("|")] for line in lines[4:7]] == [
+        ["0.01", "25.0 / 40.0 / 25.0"], ["0.1", "20.0 / 30.0 / 20.0"], ["0.5", "diverged"]
+    ]  # fmt: skip
+    assert "60.0000" in lines[-3] and "yes" in lines[-3]
+    ax = res.heatmap(rows, PRIOR).get_axes()[0]
+    assert ax.get_ylabel() == "prior" and ax.get_images()[0].get_array().shape == (3, 1)
+
+
+def test_initial_losses_come_from_the_trials_child_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("search", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp).info.run_id
+    for trial_id, loss in (("aa", 3.5), ("bb", None)):  # bb diverged before logging one
+        child = client.create_run(exp, tags={names.MLFLOW_PARENT_TAG: parent, names.TRIAL_ID_TAG: trial_id})
+        if loss is not None:
+            client.log_metric(child.info.run_id, names.TRAIN_INITIAL_LOSS, loss, step=0)
+    other = client.create_run(exp, tags={names.TRIAL_ID_TAG: "cc"})  # another search's trial: not read
+    client.log_metric(other.info.run_id, names.TRAIN_INITIAL_LOSS, 9.0, step=0)
+    rows = res.with_initial_losses(ROWS, client, parent)
+    assert [r.initial_loss for r in rows] == [3.5, None, None]
+    assert [r.name for r in rows] == [r.name for r in ROWS] and ROWS[0].initial_loss is None  # a new list
+
+
+def test_best_evaluation_gives_ap50_and_ap75_of_the_same_epoch():
+    import pandas as pd
+
+    df = pd.DataFrame({names.VAL_AP: [0.1, 0.3, 0.2], names.VAL_AP50: [0.2, 0.5, 0.6],
+                       names.VAL_AP75: [0.05, 0.35, 0.1], "epoch": [1, 2, 3]})  # fmt: skip
+    found = res._evaluations(df)
+    assert (found["best_ap"], found["ap50"], found["ap75"], found["epochs"]) == (0.3, 0.5, 0.35, 3)
+    assert res._evaluations(pd.DataFrame({"epoch": [1]})) == {}  # never evaluated
