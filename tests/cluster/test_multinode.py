@@ -77,9 +77,13 @@ def start_training(c, smoke_data, tmp_path: Path, storage: str, *extra: str) -> 
         f"run.checkpoint_every_steps={EVERY}",
         *extra,
     ]
-    log = tmp_path / "driver.log"
+    return launch(c, "pipelines/train.py", overrides, tmp_path / "driver.log")
+
+
+def launch(c, script: str, overrides: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """`script` on the smoke config as a driver process of cluster `c`, its output into `log`."""
     # --verbose: the assertions read Ray Train's own lines (restarts, their causes) and the workers' step lines
-    command = [sys.executable, "pipelines/train.py", "--verbose", "--config", "configs/smoke.yaml"]
+    command = [sys.executable, script, "--verbose", "--config", "configs/smoke.yaml"]
     command += [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": c.address, **FAST_RAY_TRAIN, **PACE}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -245,11 +249,7 @@ def test_search_trial_loses_its_node(cluster, smoke_data, s3_server, tmp_path): 
         # a trial's driver hosts its Train controller and data coordinators: keep it off the nodes that can go
         f"tuning.driver_resources={{{HEAD}: 0.01}}",
     ]
-    log = tmp_path / "search.log"
-    command = [sys.executable, "tuning/search.py", "--verbose", "--config", "configs/smoke.yaml"]
-    command += [arg for o in overrides for arg in ("--set", o)]
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, **FAST_RAY_TRAIN, **PACE}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc, log = launch(cluster, "tuning/search.py", overrides, tmp_path / "search.log")
 
     def trial_checkpoints() -> dict[str, int]:
         from cluster import s3
