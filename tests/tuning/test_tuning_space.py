@@ -71,14 +71,14 @@ def test_alpha_choice_may_disable_alpha_weighting():
 
 def test_cli_rejects_an_invalid_space_before_ray_starts(capsys, monkeypatch):
     import cluster.connect
-    import pipelines.training.run
     from pipelines.cli import EXIT_BAD_INPUT
+    from pipelines.training import run as training_run
     from tuning import search
 
     # Other tests may already have a Ray session in this process, so watch for the connection attempt itself.
     connects = []
     monkeypatch.setattr(cluster.connect, "connect_ray", lambda **kw: connects.append(kw))
-    monkeypatch.setattr(pipelines.training.run, "connect_ray", lambda **kw: connects.append(kw))
+    monkeypatch.setattr(training_run, "connect_ray", lambda **kw: connects.append(kw))
     assert search.main(["--config", SMOKE, "--set", "tuning.prior.high=1.5"]) == EXIT_BAD_INPUT
     lines = capsys.readouterr().err.splitlines()  # (log lines of earlier tests' threads may come first)
     assert any(line.startswith("search: error: ") and "tuning.prior.high" in line for line in lines), lines
