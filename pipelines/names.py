@@ -55,6 +55,7 @@ BEST_CHECKPOINT_TAG = "retina.best_checkpoint"
 RESUMED_FROM_TAG = "retina.resumed_from_step"
 ERROR_TAG = "retina.error"  # the exception (or non-finite loss message) that ended a run
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+MLFLOW_NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 VERSION_VAL_AP_TAG = "val_AP"  # on a registered model version: the val/AP of the checkpoint it was made from
 VERSION_RUN_ID_TAG = "mlflow_run_id"  # on a registered model version: the training run
 

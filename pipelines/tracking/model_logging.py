@@ -51,6 +51,31 @@ def _requirements() -> list[str]:
     ]
 
 
+def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: float, uri: str) -> str:
+    """The model version's page in words (markdown): what it is, what it was trained on, how to load it, and what
+    its labels mean."""
+    m, d, t = config["model"], config["data"], config["train"]
+    b = m["backbone"]
+    classes = ", ".join(f"{c['label']} = {c['name']} (COCO id {c['id']})" for c in label_map[:20])
+    more = f", ... ({len(label_map)} classes)" if len(label_map) > 20 else ""
+    return "\n".join([
+        f"**RetinaNet** ({b['name']}, width {b['width']}, FPN {b['fpn_channels']} channels, "
+        f"{m['input']['min_size']} px) with the focal loss (γ {m['loss']['gamma']:g}, α {m['loss']['alpha']:g}, "
+        f"prior π {m['head']['prior']:g}), trained for {t['max_steps']} steps on `{d['train_shards']}`; "
+        f"val/AP {val_ap:.4f} on `{d['val_shards']}`.",
+        "",
+        "Load it (needs this repository's packages; the tracking URI must point at this MLflow store):",
+        f"`from pipelines.inference import load_model; detector = load_model('{uri}')`, then "
+        "`detector.predict(['photo.jpg'])` → per image `boxes` (x1, y1, x2, y2 pixels), `scores`, `labels`, "
+        "`category_ids` (COCO ids) and `names`.",
+        f"Or `mlflow.pytorch.load_model('{uri}')`: a pickled `retina.model.RetinaNet` (load it only from a "
+        "registry you trust); it returns contiguous labels 0..K-1, which map to COCO ids and names through its "
+        "`label_map` attribute and `extra_files/label_map.json`:",
+        "",
+        classes + more,
+    ])  # fmt: skip
+
+
 def log_and_register(
     model: RetinaNet,
     *,
@@ -88,6 +113,8 @@ def log_and_register(
             )
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)
+    uri = f"models:/{registered_model_name}/{version}"
+    client.update_model_version(registered_model_name, version, description=describe(config, label_map, val_ap, uri))
     client.set_model_version_tag(registered_model_name, version, VERSION_VAL_AP_TAG, f"{val_ap:.4f}")
     client.set_model_version_tag(registered_model_name, version, VERSION_RUN_ID_TAG, run_id)
     alias_set = bool(alias) and val_ap >= alias_min_ap

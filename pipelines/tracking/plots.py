@@ -18,17 +18,22 @@ if TYPE_CHECKING:
 
 
 def detections_figure(sample: VisualSample, names: Sequence[str]) -> Figure:
-    """The image with ground truth (green, dashed) and predictions (red, with class and score)."""
+    """The image drawn ~800 px wide (small images are upscaled so the labels stay readable) with the ground truth
+    (green, dashed, class name inside the box's bottom-left corner) and the predictions (red, "class score" above
+    the box's top-left corner): the two kinds of label never sit in the same spot."""
     h, w = sample.image.shape[:2]
-    fig, ax = plt.subplots(figsize=(max(3.0, w / 80), max(3.0, h / 80)), dpi=100)
-    ax.imshow(sample.image)
-    for x1, y1, x2, y2 in sample.gt_boxes:
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linestyle="--", lw=1.2))
+    scale = 8.0 / max(h, w)  # inches per pixel: the longer side is 8 in at 100 dpi
+    fig, ax = plt.subplots(figsize=(max(4.0, w * scale), max(4.0, h * scale)), dpi=100)
+    ax.imshow(sample.image, interpolation="nearest")
+    for (x1, y1, x2, y2), label in zip(sample.gt_boxes, sample.gt_labels, strict=True):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linestyle="--", lw=1.5))
+        ax.text(x1 + 1, y2 - 1, names[int(label)], color="black", fontsize=9, va="bottom",
+                bbox={"facecolor": "lime", "alpha": 0.7, "pad": 1, "edgecolor": "none"})  # fmt: skip
     for (x1, y1, x2, y2), label, score in zip(sample.pred_boxes, sample.pred_labels, sample.pred_scores, strict=True):
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.2))
-        ax.text(x1, y1, f"{names[int(label)]} {score:.2f}", color="white", fontsize=6, va="bottom",
-                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "edgecolor": "none"})  # fmt: skip
-    ax.set_title(f"image {sample.image_id}: true (green, dashed) vs predicted (red)", fontsize=7)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.5))
+        ax.text(x1, y1 - 1, f"{names[int(label)]} {score:.2f}", color="white", fontsize=9, va="bottom",
+                bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "edgecolor": "none"})  # fmt: skip
+    ax.set_title(f"image {sample.image_id}: true (green, dashed) and predicted (red)", fontsize=10)
     ax.axis("off")
     fig.tight_layout()
     return fig

@@ -211,4 +211,20 @@ def _finish(cfg: Config, result: ray.train.Result, tracking_uri: str, run_id: st
     client.set_tag(run_id, names.MODEL_URI_TAG, logged.model_uri)
     client.set_tag(run_id, names.REGISTERED_VERSION_TAG, f"{logged.registered_name}/{logged.version}")
     client.set_tag(run_id, names.BEST_CHECKPOINT_TAG, best.path)
+    client.set_tag(run_id, names.MLFLOW_NOTE_TAG, _run_description(cfg, state, logged))
     return logged, best.path
+
+
+def _run_description(cfg: Config, state: Any, logged: LoggedModel) -> str:
+    """The run's description in the MLflow UI: what was trained, on what, how well, and where the model is."""
+    m = state.metrics or {}
+    aps = ", ".join(f"{k} {m[k]:.4f}" for k in (names.VAL_AP, names.VAL_AP50, names.VAL_AP75) if k in m)
+    alias = f" (alias `{logged.alias}`)" if logged.alias else ""
+    return (
+        f"RetinaNet `{cfg.model.backbone.name}` trained for {state.step} steps ({state.epoch} epochs) on "
+        f"`{cfg.data.train_shards}` with {cfg.scaling.num_workers} workers; best checkpoint: {aps}.\n\n"
+        f"Registered as **{logged.registered_name}** version {logged.version}{alias}: "
+        f"`from pipelines.inference import load_model; load_model('models:/{logged.registered_name}/"
+        f"{logged.version}')`. Charts: train/* and val/*; artifacts: `evaluation/` (COCOeval report, per class), "
+        "`val_images/`, `curves/`, `config/`."
+    )

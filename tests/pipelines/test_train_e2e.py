@@ -166,6 +166,11 @@ def test_model_registered_with_alias(trained, mlflow_server):
     assert version.version == outcome.model.version
     assert version.run_id == outcome.mlflow_run_id
     assert names.VERSION_VAL_AP_TAG in version.tags
+    # the model page and the run explain themselves: how to load, what the labels mean
+    uri = f"models:/{MODEL_NAME}/{outcome.model.version}"
+    assert f"load_model('{uri}')" in version.description and "COCO id 90" in version.description
+    note = client.get_run(outcome.mlflow_run_id).data.tags[names.MLFLOW_NOTE_TAG]
+    assert f"Registered as **{MODEL_NAME}** version {outcome.model.version}" in note and "val/AP" in note
 
 
 def test_checkpoints_on_s3_load_weights_only(trained, s3_server, tmp_path):  # noqa: F811
