@@ -44,12 +44,15 @@ def summary(outcome: TrainOutcome) -> str:
     if outcome.model:
         lines.append(f"  model:                    {outcome.model.model_uri} "
                      f"(registered {outcome.model.registered_name} v{outcome.model.version})")  # fmt: skip
-        if outcome.model.alias_uri:
-            lines.append(f"  load it with:             mlflow.pytorch.load_model('{outcome.model.alias_uri}')")
-    if outcome.tracking_uri.startswith("sqlite:///"):
-        db = Path(outcome.tracking_uri[len("sqlite:///") :])
-        store = f"sqlite:///{db.relative_to(Path.cwd())}" if db.is_relative_to(Path.cwd()) else outcome.tracking_uri
-        lines.append(f"  MLflow UI:                mlflow ui --backend-store-uri {store} --host 127.0.0.1")
+        uri = outcome.model.alias_uri or f"models:/{outcome.model.registered_name}/{outcome.model.version}"
+        lines.append(f"  load it with:             from pipelines.inference import load_model; "
+                     f"load_model('{uri}', tracking_uri='{outcome.tracking_uri}')")  # fmt: skip
+    if outcome.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
+        lines.append("  MLflow UI:                make ui, then http://127.0.0.1:5000")
+    elif outcome.tracking_uri.startswith("sqlite:///"):
+        lines.append(
+            f"  MLflow UI:                mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1"
+        )
     else:
         lines.append(f"  MLflow UI:                {outcome.tracking_uri}")
     return "\n".join(lines)
