@@ -11,6 +11,7 @@ from a registry you trust. Checkpoints load with ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -158,6 +159,8 @@ def _load_checkpoint(source: ModelSource, settings: s3.S3Settings | None) -> Loa
 
 
 def _load_mlflow(source: ModelSource) -> LoadedModel:
+    # MLflow draws a progress bar per artifact file (a model has dozens); a notebook user asked for a model, not that
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     import mlflow.artifacts
     import mlflow.pytorch
