@@ -74,7 +74,7 @@ def to_rgb_uint8(image: ImageLike, name: str = "image") -> np.ndarray:
 
 @dataclass
 class Prepared:
-    """One image ready for batching: what pipelines/data.py's val pipeline emits per row."""
+    """One image ready for batching: what the val pipeline (pipelines/data/datasets.py) emits per row."""
 
     image: np.ndarray  # (h, w, 3) uint8 resized
     image_size: tuple[int, int]  # (h, w) after resize
