@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pipelines.inference.detector import Detector, load_model
 from pipelines.inference.loss_analysis import describe, log_loss_analysis
 from pipelines.training.evaluation import evaluate
 from retina.analysis import LossConcentrationResult, analyse_batches
+from retina.confusion import confusion_table
 from retina.data.coco import DataError
 from retina.evaluation import (
     METRICS,
@@ -58,6 +59,7 @@ class Evaluation:
     run_id: str | None = None  # the MLflow evaluation run
     seconds: float = 0.0
     loss_analysis: LossConcentrationResult | None = None  # with --loss-analysis: the paper's Figure 4
+    confusion: list[dict[str, Any]] = field(default_factory=list)  # per class: found as itself/another/missed
 
 
 def _check_labels(detector: Detector, data: str) -> None:
@@ -117,6 +119,7 @@ def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation
         model=detector.source.describe(),
         data=data,
         seconds=time.time() - started,
+        confusion=result.confusion,
     )
 
 
@@ -182,7 +185,8 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
         log_metric_batch(client, run_id, metrics)
         report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id", "loss_analysis")}
         client.log_dict(run_id, report, "evaluation/report.json")
-        text = "\n".join([evaluation.report, agnostic_line(evaluation.agnostic, evaluation.metrics)])
+        text = "\n".join([evaluation.report, agnostic_line(evaluation.agnostic, evaluation.metrics),
+                          confusion_table(evaluation.confusion)])  # fmt: skip
         client.log_text(run_id, text, "evaluation/cocoeval.txt")
         if evaluation.loss_analysis is not None:
             log_loss_analysis(client, run_id, evaluation.loss_analysis)
@@ -235,6 +239,11 @@ def format_table(evaluation: Evaluation) -> str:
         lines.append(per_class_table(evaluation.per_class))
     if evaluation.agnostic:
         lines.append(agnostic_line(evaluation.agnostic, evaluation.metrics))
+    if evaluation.confusion:
+        lines += [
+            "  how each class's objects were detected (IoU >= 0.5, score >= 0.3):",
+            confusion_table(evaluation.confusion),
+        ]
     if evaluation.loss_analysis is not None:
         lines.append(describe(evaluation.loss_analysis))
     if evaluation.run_id:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipelines.training.distributed import gather_objects_to_rank0
+from retina.confusion import confusion_summary
 from retina.evaluation import CocoEvalResult, coco_evaluate, detections_to_coco
 from retina.model import RetinaNet
 
@@ -41,6 +42,7 @@ class EvalResult:
     num_images: int  # images predicted, over all ranks (rank 0 only)
     num_detections: int
     samples: list[VisualSample] = field(default_factory=list)  # rank 0's first images
+    confusion: list[dict[str, Any]] = field(default_factory=list)  # per class: found as itself/another/missed
 
     def metrics(self, prefix: str = "val/") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in self.coco.metrics.items()} if self.coco else {}
@@ -122,4 +124,4 @@ def evaluate(
             f"ground truth has {len(expected)} images: the val split lost or duplicated rows"
         )
     results = detections_to_coco(all_ids, all_preds, coco_ids)
-    return EvalResult(coco_evaluate(gt, results), len(all_ids), len(results), samples)
+    return EvalResult(coco_evaluate(gt, results), len(all_ids), len(results), samples, confusion_summary(gt, results))

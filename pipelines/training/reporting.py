@@ -13,6 +13,7 @@ from pipelines.tracking import plots
 from pipelines.tracking.logger import RunLogger
 from pipelines.training.checkpoint import TrainState, save_checkpoint
 from pipelines.training.evaluation import EvalResult
+from retina.confusion import confusion_table
 from retina.data.coco import LabelMap
 from retina.evaluation import agnostic_line, agnostic_metrics, per_class_metrics, per_class_rows, per_class_table
 
@@ -60,8 +61,10 @@ def log_evaluation(
         "agnostic": coco.agnostic,
         "num_images": result.num_images,
         "num_detections": result.num_detections,
+        "confusion": result.confusion,
     }
     tracker.log_dict(report_json, "evaluation/report.json")
+    tracker.log_text(confusion_table(result.confusion) + "\n", "evaluation/confusion.txt")
     text = "\n".join([coco.report, per_class_table(per_class), agnostic_line(coco.agnostic, coco.metrics)])
     tracker.log_text(text, "evaluation/cocoeval.txt")
     for sample in result.samples:

@@ -150,11 +150,16 @@ def test_artifacts_logged(trained, mlflow_server):
 
     logged = set(files())
     for name in ("config/config.json", "config/smoke.yaml", "label_map.json", "evaluation/report.json",
-                 "evaluation/cocoeval.txt", "curves/loss_curve.png", "curves/ap_curve.png"):  # fmt: skip
+                 "evaluation/cocoeval.txt", "evaluation/confusion.txt", "curves/loss_curve.png",
+                 "curves/ap_curve.png"):  # fmt: skip
         assert name in logged, (name, sorted(logged))
     assert len([f for f in logged if f.startswith("val_images/")]) == 2
     report = json.loads(Path(client.download_artifacts(run_id, "evaluation/report.json")).read_text())
     assert report["step"] == 6 and report["num_images"] == 8
+    # every val object is counted once: found as itself, as another class, or missed
+    confusion = report["confusion"]
+    assert {r["name"] for r in confusion} == {"circle", "square", "triangle", "cross", "star"}
+    assert all(r["correct"] + sum(r["as_other"].values()) + r["missed"] == r["objects"] for r in confusion)
     labels = json.loads(Path(client.download_artifacts(run_id, "label_map.json")).read_text())
     assert [c["id"] for c in labels] == [1, 3, 7, 12, 90]  # the synthetic set's non-contiguous COCO ids
 
