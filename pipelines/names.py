@@ -66,6 +66,11 @@ BEST_TRIAL_TAG = "retina.tune.best_trial"
 BEST_RUN_ID_TAG = "retina.tune.best_run_id"
 CHAMPION_TAG_PREFIX = "retina.champion."  # on the search's parent run: the alias decision (candidate, previous...)
 
+# ---------------------------------------------------------------------------------------------- artifacts
+# In a logged model's extra_files/: the state dict alone (it loads with torch.load(weights_only=True)), which with
+# config.json rebuilds the detector from this repository's code, no unpickling
+LOGGED_WEIGHTS_FILE = "weights.pt"
+
 # ---------------------------------------------------------------------------------------------- result keys
 NONFINITE_KEY = "nonfinite"  # in the dict a worker's train_func returns when the loss diverged
 # In a trial's own last Tune report only: the trial ran to its end. Tune marks a scheduler-stopped trial's last

@@ -4,8 +4,11 @@ URIs: models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>, runs:/<run_i
 directory holding state.pt (local or s3://). An alias is pinned to its version when resolved, so a batch job's
 actors all load the same model even if the alias moves meanwhile.
 
-MLflow models are pickled RetinaNets (pipelines/tracking/model_logging.py): loading one runs pickle, so load only models
-from a registry you trust. Checkpoints load with ``torch.load(weights_only=True)`` (pipelines/training/checkpoint.py).
+MLflow models are rebuilt from their weights (``extra_files/weights.pt``, loaded with ``weights_only=True``) and
+their config by this repository's code: loading one runs no pickle, also with MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+=false. (Models logged before the weights travelled beside them fall back to MLflow's pickle loader: load those
+only from a registry you trust.) Checkpoints load with ``torch.load(weights_only=True)``
+(pipelines/training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cluster import s3
+from pipelines.names import LOGGED_WEIGHTS_FILE
 from pipelines.tracking.store import resolve_tracking_uri
-from pipelines.training.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, model_from_state
+from pipelines.training.checkpoint import STATE_FILE, CheckpointError, TrainState, load_checkpoint, model_from_state
 from retina.config import ConfigError, ModelConfig
 from retina.data.coco import LabelMap
 from retina.model import RetinaNet
@@ -159,31 +165,55 @@ def _load_checkpoint(source: ModelSource, settings: s3.S3Settings | None) -> Loa
 
 
 def _load_mlflow(source: ModelSource) -> LoadedModel:
+    """The logged model's weights rebuilt into a RetinaNet from its config (no unpickling); a model logged before
+    the weights travelled beside it falls back to MLflow's pickle loader."""
     # MLflow draws a progress bar per artifact file (a model has dozens); a notebook user asked for a model, not that
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     import mlflow.artifacts
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            # one download gives the pickled model and the extra files (label_map.json, config.json)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source.load_uri, dst_path=tmp)
-            model = mlflow.pytorch.load_model(local, map_location="cpu")
+            # one download gives the model directory with its extra files (weights, config, label map)
+            extra = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.load_uri, dst_path=tmp), "extra_files")
         except MlflowException as exc:
-            raise _mlflow_error(source.uri, "download/load of the MLflow model", exc) from None
-        extra = Path(local, "extra_files")
+            raise _mlflow_error(source.uri, "download of the MLflow model", exc) from None
         config = json.loads((extra / "config.json").read_text()) if (extra / "config.json").exists() else {}
-        entries = getattr(model, "label_map", None)
-        if entries is None and (extra / "label_map.json").exists():
-            entries = json.loads((extra / "label_map.json").read_text())
+        entries = json.loads((extra / "label_map.json").read_text()) if (extra / "label_map.json").exists() else None
+        if (extra / LOGGED_WEIGHTS_FILE).exists() and config:
+            model = _rebuild(source, config, extra / LOGGED_WEIGHTS_FILE)
+        else:
+            model = _unpickle(source, extra.parent)
+            entries = getattr(model, "label_map", None) or entries
+    if entries is None:
+        raise ModelLoadError(f"model {source.uri!r}: carries no label map (label_map.json / model.label_map)")
+    return LoadedModel(model, _label_map_from(entries, source.uri), config)
+
+
+def _rebuild(source: ModelSource, config: dict[str, Any], weights: Path) -> RetinaNet:
+    """config.json's model section → RetinaNet (this repository's code) with the state dict loaded weights-only."""
+    try:
+        state = TrainState(step=0, epoch=0, config=config, label_map=[],
+                           model=torch.load(weights, map_location="cpu", weights_only=True))  # fmt: skip
+        return model_from_state(state)
+    except (CheckpointError, ConfigError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {source.uri!r}: rebuilding it from {LOGGED_WEIGHTS_FILE} failed: {exc}") from None
+
+
+def _unpickle(source: ModelSource, local: Path) -> RetinaNet:
+    """A model logged without weights.pt: the pickled module itself (runs pickle: trusted registries only)."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+    except MlflowException as exc:
+        raise _mlflow_error(source.uri, "load of the MLflow model", exc) from None
     if not isinstance(getattr(model, "cfg", None), ModelConfig) or not hasattr(model, "predict_batch"):
         raise ModelLoadError(f"model {source.uri!r}: not a retina RetinaNet (got {type(model).__name__})")
-    if entries is None:
-        raise ModelLoadError(f"model {source.uri!r}: carries no label map (model.label_map / label_map.json)")
-    return LoadedModel(model, _label_map_from(entries, source.uri), config)
+    return model
 
 
 def load_source(source: ModelSource, s3_settings: s3.S3Settings | None = None) -> LoadedModel:

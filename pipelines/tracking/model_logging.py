@@ -5,6 +5,10 @@ resize and normalisation included), so ``mlflow.pytorch.load_model(uri)`` in a f
 that takes a list of (3, H, W) 0..1 images and returns boxes in their pixels. The label map travels twice:
 as ``model.label_map`` ([{"id", "name", "label"}], label → COCO category id) and as ``label_map.json`` beside
 the weights. The `retina` package is copied in (``code_paths``), so loading needs torch/torchvision, not the repo.
+
+Beside the pickled module travel the weights alone (``weights.pt``, a state dict) and ``config.json``:
+`pipelines.inference.load_model` rebuilds the detector from those with ``weights_only=True``, so a team can load a
+model without trusting a pickle.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 import retina
-from pipelines.names import VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
+from pipelines.names import LOGGED_WEIGHTS_FILE, VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
 from retina.model import RetinaNet
 
 
@@ -97,6 +101,10 @@ def log_and_register(
         label_file.write_text(json.dumps(label_map, indent=1))
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
+        # The weights alone (tensors only: they load with torch.load(weights_only=True)); with config.json they
+        # rebuild the detector from this repository's code, so loading never has to unpickle model.pth.
+        weights_file = Path(tmp) / LOGGED_WEIGHTS_FILE
+        torch.save(model.state_dict(), weights_file)
         # start_run on an existing id attaches (the run's final status is set by the caller afterwards).
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
@@ -106,7 +114,7 @@ def log_and_register(
                 # (score threshold, NMS), which an exported static graph cannot express.
                 serialization_format="pickle",
                 code_paths=[str(Path(retina.__file__).parent)],
-                extra_files=[str(label_file), str(config_file)],
+                extra_files=[str(label_file), str(config_file), str(weights_file)],
                 pip_requirements=_requirements(),
                 registered_model_name=registered_model_name,
                 metadata={"val_AP": val_ap, "label_map": label_map},

@@ -296,3 +296,38 @@ def test_loss_analysis_of_the_trained_model_on_the_val_shards(trained):
     assert focal.negative.hardest_share[0.05] > ce.negative.hardest_share[0.05], (ce.negative, focal.negative)
     assert result.alpha == trained.cfg.model.loss.alpha  # the model's own α
     assert "Loss concentration" in format_table(evaluation)  # printed after the AP table
+
+
+_FRESH_PROCESS = """
+import json, sys
+import mlflow.pytorch
+from pipelines.inference import load_model
+try:
+    mlflow.pytorch.load_model(sys.argv[1])  # the pickled module: refused with pickle deserialisation off
+    refused = False
+except Exception:
+    refused = True
+detector = load_model(sys.argv[1])
+dets = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in d.items()} for d in detector.predict(sys.argv[2:])]
+print(json.dumps({"pickle_refused": refused, "detections": dets}))
+"""
+
+
+def test_registered_model_loads_without_unpickling_and_matches_the_checkpoint(trained, tmp_path):
+    """In a fresh process with MLflow's pickle deserialisation off, the registered model loads (rebuilt from its
+    weights-only state dict and config) and detects exactly what its checkpoint detects."""
+    from pipelines.inference import load_model
+
+    images = sorted(str(p) for p in (trained.root / "data" / "val" / "images").glob("*.jpg"))[:3]
+    expected = load_model(trained.outcome.best_checkpoint).predict(images)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, f"models:/{MODEL_NAME}@smoke", *images],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pickle_refused"], "MLflow loaded the pickled model: the check above would prove nothing"
+    assert len(out["detections"]) == len(expected)
+    for got, want in zip(out["detections"], expected, strict=True):
+        assert got["names"] == list(want["names"]) and got["category_ids"] == want["category_ids"].tolist()
+        np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+        np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
