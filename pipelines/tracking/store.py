@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -112,11 +111,6 @@ def log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) -
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
-def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Set the run's final status: FINISHED, FAILED or KILLED."""
-    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
-
-
 class RunOutcome:
     """What `tracked_run` will set when its block ends without an exception (the block may change it)."""
 
@@ -156,14 +150,3 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     """(step, value) pairs of one metric, sorted by step."""
     history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in history)
-
-
-def log_file(tracking_uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
-
-
-def log_json(tracking_uri: str, run_id: str, data: Any, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=1, sort_keys=True))
-        log_file(tracking_uri, run_id, path)

@@ -24,6 +24,7 @@ last checkpoint (FailureConfig), which replays the same steps into the same NaN.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -75,7 +76,7 @@ class Worker:
     faults: Faults
     _gt: dict[str, Any] | None = None
 
-    @property
+    @functools.cached_property
     def labels(self) -> LabelMap:
         return LabelMap.from_json(self.label_map)
 

@@ -71,8 +71,13 @@ def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
     logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
     sc = cfg.scaling
     connect_ray(cpus_needed=sc.num_workers * sc.cpus_per_worker, log_to_driver=console.is_verbose())
-    fit_ = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
-    logger.info("Ray: %g CPUs, %g GPUs on %d node(s)", fit_.total.get("CPU", 0), fit_.total.get("GPU", 0), fit_.nodes)
+    capacity = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
+    logger.info(
+        "Ray: %g CPUs, %g GPUs on %d node(s)",
+        capacity.total.get("CPU", 0),
+        capacity.total.get("GPU", 0),
+        capacity.nodes,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars drown the step logs
     console.quiet_libraries()
     ensure_sample_data(cfg.data)

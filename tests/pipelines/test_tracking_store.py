@@ -40,7 +40,7 @@ def test_one_run_per_run_key_resumed_with_new_params_only(tracking_uri):
     key = client.get_run(run_id).data.tags[names.RUN_KEY_TAG]
     run = client.get_run(run_id)
     assert run.data.params == {"train.base_lr": "0.01", "lst": "[1, 2]"}
-    store.end_run(tracking_uri, run_id, "FAILED")
+    client.set_terminated(run_id, "FAILED")
 
     again, resumed = store.start_or_resume_run(tracking_uri, "exp", "x", key, {"train.base_lr": 0.5, "new": 1})
     assert (again, resumed) == (run_id, True)
