@@ -1,7 +1,19 @@
-"""Synthetic COCO-format sample dataset: filled shapes on a textured background.
+"""Synthetic COCO-format datasets: filled shapes on a textured background, in two profiles.
 
-``python -m retina.data.synthetic --output DIR --num-images N [--seed S]`` writes ``DIR/images/*.jpg`` and
-``DIR/annotations.json`` (``file_name`` is relative to ``DIR/images``).
+``python -m retina.data.synthetic --output DIR --num-images N [--seed S] [--profile sample|coco] [--workers W]``
+writes ``DIR/images/*.jpg`` and ``DIR/annotations.json`` (``file_name`` is relative to ``DIR/images``).
+
+Profiles (`PROFILES`):
+- ``sample`` (the smoke/demo data, everything below): 192-320 px images, 5 classes, 1-8 objects, learnable on
+  CPU in minutes;
+- ``coco``: COCO's shape for measuring costs at scale (docs/benchmarks.md), not for learning: 640 px on the
+  longer side and 360-480 on the shorter (COCO's typical 640x480/640x427; a quarter portrait), COCO's 80
+  category ids (1..90 with its gaps), Zipf-like class frequencies (the first class ~18% of objects, as
+  "person" is in COCO's), a geometric object count with mean ~7.3 per image capped at 40 (COCO train2017:
+  7.3 annotations per image, a long tail), object sizes log-uniform from 8 px to 60% of the shorter side
+  (~40% small, ~30% medium, ~30% large by COCO's area ranges; COCO: 41 / 34 / 24), ~1% empty images.
+  Its classes are shapes (class id mod 5) in random colours: 80 classes are not visually separable, which costs
+  nothing in a cost measurement.
 
 Why it looks the way it does:
 - five shape classes with imbalanced frequencies and NON-contiguous COCO ids (1, 3, 7, 12, 90), so the
@@ -21,6 +33,8 @@ with sorted keys and no timestamps, so the same seed gives byte-identical annota
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import io
 import json
 import math
@@ -38,6 +52,7 @@ CATEGORIES: tuple[tuple[int, str, float], ...] = (
     (12, "cross", 0.11),
     (90, "star", 0.07),
 )
+SHAPES = tuple(name for _, name, _ in CATEGORIES)
 CROWD_CATEGORY_ID = 1  # crowd groups are made of tiny circles
 
 MIN_SIDE, MAX_SIDE = 192, 320  # image height and width, drawn independently
@@ -48,6 +63,36 @@ EMPTY_FRACTION = 0.10
 CROWD_FRACTION = 0.08
 MAX_OVERLAP = 0.2  # intersection / smaller box area allowed between two objects (keeps >= ~80% visible)
 JPEG_QUALITY = 92
+
+# COCO's 80 category ids: 1..90 without the 10 ids its 2014 paper listed but never annotated.
+COCO_IDS = tuple(i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a generated dataset looks like (see the module docstring for the two profiles)."""
+
+    name: str
+    categories: tuple[tuple[int, str, float], ...]  # (COCO id, name, frequency); a name starts with its shape
+    sides: tuple[int, int] | None  # (min, max) of height and width drawn independently, or None: landscape 640
+    mean_objects: float | None  # None: uniform 1..MAX_OBJECTS; else geometric with this mean, capped
+    max_objects: int
+    min_object: float
+    empty_fraction: float
+    crowd_fraction: float
+
+
+def _coco_categories() -> tuple[tuple[int, str, float], ...]:
+    weights = [1.0 / (k + 1) ** 0.8 for k in range(len(COCO_IDS))]  # Zipf-like: a few classes dominate
+    total = sum(weights)
+    pairs = enumerate(zip(COCO_IDS, weights, strict=True))
+    return tuple((cid, f"{SHAPES[k % 5]}_{cid}", w / total) for k, (cid, w) in pairs)
+
+
+SAMPLE = Profile("sample", CATEGORIES, (MIN_SIDE, MAX_SIDE), None, MAX_OBJECTS, MIN_OBJECT, EMPTY_FRACTION,
+                 CROWD_FRACTION)  # fmt: skip
+COCO = Profile("coco", _coco_categories(), None, 7.3, 40, 8.0, 0.01, 0.01)
+PROFILES = {p.name: p for p in (SAMPLE, COCO)}
 
 
 @dataclass
@@ -148,20 +193,24 @@ def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, 
     return False
 
 
-def _draw_objects(rng: np.random.Generator, h: int, w: int) -> list[_Object]:
-    """The unplaced objects of one image: maybe a crowd group, then 1..MAX_OBJECTS shapes of random classes."""
-    names = {cid: name for cid, name, _ in CATEGORIES}
-    ids = np.array([cid for cid, _, _ in CATEGORIES])
-    probs = np.array([p for _, _, p in CATEGORIES])
+def _draw_objects(rng: np.random.Generator, h: int, w: int, profile: Profile) -> list[_Object]:
+    """The unplaced objects of one image: maybe a crowd group, then a number of shapes of random classes."""
+    shapes = {cid: name.split("_")[0] for cid, name, _ in profile.categories}
+    ids = np.array([cid for cid, _, _ in profile.categories])
+    probs = np.array([p for _, _, p in profile.categories])
     objects: list[_Object] = []
-    wanted = int(rng.integers(1, MAX_OBJECTS + 1))
-    if rng.random() < CROWD_FRACTION:
-        objects.append(_Object(CROWD_CATEGORY_ID, _crowd_mask(rng, rng.uniform(30, 60)), 0, 0, crowd=True))
+    if profile.mean_objects is None:
+        wanted = int(rng.integers(1, profile.max_objects + 1))
+    else:
+        wanted = min(int(rng.geometric(1.0 / profile.mean_objects)), profile.max_objects)
+    if rng.random() < profile.crowd_fraction:
+        crowd_id = int(ids[0])  # the most frequent class (circles in both profiles)
+        objects.append(_Object(crowd_id, _crowd_mask(rng, rng.uniform(30, 60)), 0, 0, crowd=True))
     for _ in range(wanted):
         cid = int(rng.choice(ids, p=probs))
         max_extent = MAX_OBJECT_FRACTION * min(h, w)
-        extent = math.exp(rng.uniform(math.log(MIN_OBJECT), math.log(max_extent)))
-        objects.append(_Object(cid, _shape_mask(names[cid], extent, rng), 0, 0))
+        extent = math.exp(rng.uniform(math.log(profile.min_object), math.log(max_extent)))
+        objects.append(_Object(cid, _shape_mask(shapes[cid], extent, rng), 0, 0))
     return objects
 
 
@@ -221,13 +270,22 @@ def _visible_annotations(objects: list[_Object], owner: np.ndarray) -> list[dict
     return annotations
 
 
-def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]]:
+def _image_size(rng: np.random.Generator, profile: Profile) -> tuple[int, int]:
+    """(height, width) of the next image."""
+    if profile.sides is not None:
+        h, w = (int(v) for v in rng.integers(profile.sides[0], profile.sides[1] + 1, size=2))
+        return h, w
+    short = int(rng.integers(360, 481))
+    return (640, short) if rng.random() < 0.25 else (short, 640)  # a quarter portrait, as in COCO
+
+
+def _render_image(rng: np.random.Generator, profile: Profile) -> tuple[bytes, int, int, list[dict]]:
     """One image: (JPEG bytes, height, width, annotations without ids)."""
     # The order of the rng draws below is what makes a seed reproduce the same dataset: keep it.
-    h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    h, w = _image_size(rng, profile)
     objects: list[_Object] = []
-    if rng.random() >= EMPTY_FRACTION:
-        objects = _place_objects(rng, _draw_objects(rng, h, w), h, w)
+    if rng.random() >= profile.empty_fraction:
+        objects = _place_objects(rng, _draw_objects(rng, h, w, profile), h, w)
     pixels, owner = _paint(rng, objects, h, w)
     annotations = _visible_annotations(objects, owner)
     buf = io.BytesIO()
@@ -235,28 +293,47 @@ def _render_image(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict]
     return buf.getvalue(), h, w, annotations
 
 
-def generate(output_dir: str | Path, num_images: int, seed: int = 0) -> Path:
-    """Write `num_images` images and ``annotations.json`` under `output_dir`; return the annotations path."""
+def _write_image(images_dir: Path, seed: int, index: int, profile: Profile) -> tuple[dict, list[dict]]:
+    """Render and write image `index`: (its COCO image record, its annotations without ids)."""
+    rng = np.random.default_rng((seed, index))
+    data, h, w, anns = _render_image(rng, profile)
+    image_id = index + 1
+    file_name = f"{image_id:06d}.jpg"
+    (images_dir / file_name).write_bytes(data)
+    return {"id": image_id, "file_name": file_name, "height": h, "width": w}, [
+        {"image_id": image_id, **a} for a in anns
+    ]
+
+
+def generate(
+    output_dir: str | Path, num_images: int, seed: int = 0, profile: Profile | str = SAMPLE, workers: int = 1
+) -> Path:
+    """Write `num_images` images and ``annotations.json`` under `output_dir`; return the annotations path.
+
+    `workers` > 1 renders in that many processes; the output is the same as with one (each image has its own rng).
+    """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        profile = PROFILES[profile]
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for index in range(num_images):
-        rng = np.random.default_rng((seed, index))
-        data, h, w, anns = _render_image(rng)
-        image_id = index + 1
-        file_name = f"{image_id:06d}.jpg"
-        (out / "images" / file_name).write_bytes(data)
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for ann in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+    render = functools.partial(_write_image, out / "images", seed, profile=profile)
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            rendered = list(pool.map(render, range(num_images), chunksize=64))
+    else:
+        rendered = [render(index) for index in range(num_images)]
+    images = [image for image, _ in rendered]
+    annotations = [{"id": k + 1, **a} for k, a in enumerate(a for _, anns in rendered for a in anns)]
     coco = {
-        "info": {"description": "retina synthetic shapes", "version": "1", "seed": seed},
+        "info": {"description": f"retina synthetic shapes ({profile.name})", "version": "1", "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in CATEGORIES],
+        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in profile.categories],
     }
     path = out / "annotations.json"
     path.write_text(json.dumps(coco, sort_keys=True, separators=(",", ":")))
@@ -268,8 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output directory (images/ and annotations.json)")
     parser.add_argument("--num-images", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="sample")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering images")
     args = parser.parse_args(argv)
-    path = generate(args.output, args.num_images, args.seed)
+    path = generate(args.output, args.num_images, args.seed, args.profile, args.workers)
     print(f"wrote {args.num_images} images and {path}")
 
 

@@ -6,10 +6,11 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from retina.data.coco import parse_coco
-from retina.data.synthetic import CATEGORIES, generate
+from retina.data.synthetic import CATEGORIES, COCO_IDS, generate
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -60,3 +61,27 @@ def test_boxes_lie_inside_their_images(tmp_path):
         assert 0 <= x and 0 <= y and x + w <= img.shape[1] and y + h <= img.shape[0]
         checked += 1
     assert checked > 10
+
+
+def test_coco_profile_has_cocos_shape_and_parallel_rendering_changes_nothing(tmp_path):
+    serial = generate(tmp_path / "serial", 120, seed=1, profile="coco")
+    parallel = generate(tmp_path / "parallel", 120, seed=1, profile="coco", workers=2)
+    assert serial.read_bytes() == parallel.read_bytes()
+    coco = json.loads(serial.read_text())
+    assert parse_coco(serial.read_bytes(), str(serial)).issues == []
+    assert [c["id"] for c in coco["categories"]] == list(COCO_IDS) and len(COCO_IDS) == 80
+    assert {max(i["height"], i["width"]) for i in coco["images"]} == {640}
+    assert all(360 <= min(i["height"], i["width"]) <= 480 for i in coco["images"])
+    per_image = Counter(a["image_id"] for a in coco["annotations"] if not a["iscrowd"])
+    mean = sum(per_image.values()) / len(coco["images"])
+    assert 5.5 < mean < 9.5, mean  # COCO train2017: 7.3 objects per image
+    areas = np.array([a["area"] for a in coco["annotations"] if not a["iscrowd"]])
+    small, large = np.mean(areas < 32**2), np.mean(areas >= 96**2)
+    assert 0.3 < small < 0.55 and 0.15 < large < 0.4, (small, large)  # COCO: 41% small, 24% large
+    by_class = Counter(a["category_id"] for a in coco["annotations"])
+    assert by_class[1] == max(by_class.values())  # the first class dominates, as "person" does in COCO
+
+
+def test_unknown_profile_is_an_error_naming_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile 'imagenet'.*coco"):
+        generate(tmp_path, 1, profile="imagenet")
