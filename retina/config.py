@@ -130,6 +130,9 @@ class DataConfig:
     # files: a new shard order every epoch, rows permuted within each decode task of 8 batches (streamed, no
     # barrier; mixing is only as fine as the shards: prepare with a smaller --rows-per-shard for small datasets)
     shuffle: str = "rows"
+    # with shuffle "files": one Ray Data execution streams every epoch of the run, so the next epoch's first batches
+    # are decoded while the current one ends; false: a new execution per epoch (an idle pipeline at each start)
+    stream_epochs: bool = True
 
 
 @dataclass
@@ -154,6 +157,10 @@ class TrainConfig:
     log_every: int = 20  # steps between loss/lr/throughput logs
     eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
     num_logged_images: int = 4  # val images drawn with predicted and true boxes into MLflow
+    # COCOeval of every evaluation but the last in a Ray task while training goes on; the val metrics and the
+    # checkpoint are reported when it is done (pipelines/training/background_eval.py). false: the ranks wait
+    background_eval: bool = True
+    eval_task_cpus: float = 0.0  # CPUs the scoring task reserves (0: it shares the cores the workers hold)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -454,3 +461,4 @@ def validate_train(t: TrainConfig) -> None:
     require(t.log_every >= 1, "train.log_every", "must be >= 1")
     require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
     require(t.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")
+    require(t.eval_task_cpus >= 0, "train.eval_task_cpus", "must be >= 0")

@@ -6,7 +6,9 @@
 - Zero detections give 0.0 for every metric instead of a crash (pycocotools' ``loadRes([])`` raises IndexError).
 - pycocotools reports -1 for a metric with no ground truth at all (e.g. APs when no object is small); we report
   0.0 so that metric logs stay finite, and list the affected names in ``CocoEvalResult.undefined``.
-- pycocotools' prints are captured into ``CocoEvalResult.report`` (the usual 12-line summary) for logging.
+- The COCOeval summary (the usual 12 lines) is captured into ``CocoEvalResult.report`` for logging; the
+  progress prints are dropped.
+- Two COCOeval backends (`BACKENDS`): pycocotools, and faster-coco-eval (default: the same numbers, faster).
 - ``CocoEvalResult.per_class`` holds AP and AP50 per category (as detectron2's per-category table and
   mmdetection's ``classwise`` option report them): one weak class hides in the mean otherwise.
 - ``CocoEvalResult.agnostic`` holds the class-agnostic AP and AP50 (COCOeval with ``useCats=0``: a detection
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import re
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,25 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
+
+# COCOeval implementations: pycocotools' (Python loops, the reference) and faster-coco-eval's (the same algorithm
+# in C++, a drop-in COCO/COCOeval pair). benchmarks/coco_eval.py checks they agree on every metric, per class and
+# class-agnostic, and measures both.
+BACKENDS = ("pycocotools", "faster_coco_eval")
+DEFAULT_BACKEND = "faster_coco_eval"
+
+
+def _coco_classes(backend: str) -> tuple[Any, Any]:
+    """(COCO, COCOeval) of a backend."""
+    if backend == "pycocotools":
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO as FastCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        # its summary goes to a logger unless told to print: the report is captured from stdout for both backends
+        return FastCOCO, functools.partial(COCOeval_faster, print_function=print)
+    raise ValueError(f"unknown COCOeval backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @dataclass
@@ -58,9 +80,9 @@ def _per_class(evaluator: COCOeval) -> dict[int, dict[str, float]]:
     return {cat_id: row for cat_id, row in rows.items() if row is not None}
 
 
-def _agnostic(coco_gt: COCO, coco_dt: COCO) -> dict[str, float]:
+def _agnostic(coco_gt: Any, coco_dt: Any, evaluator_class: Any) -> dict[str, float]:
     """AP@[.5:.95] and AP50 of a COCOeval that ignores categories (useCats=0), area "all", 100 detections."""
-    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator = evaluator_class(coco_gt, coco_dt, iouType="bbox")
     evaluator.params.useCats = 0
     evaluator.evaluate()
     evaluator.accumulate()
@@ -110,8 +132,8 @@ def per_class_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _coco_from_dict(gt: Mapping[str, Any]) -> COCO:
-    coco = COCO()
+def _coco_from_dict(gt: Mapping[str, Any], coco_class: Any = COCO) -> Any:
+    coco = coco_class()
     dataset = copy.deepcopy(dict(gt))
     dataset.setdefault("info", {})  # loadRes copies it on some pycocotools versions
     dataset.setdefault("licenses", [])
@@ -135,8 +157,11 @@ def _check_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, A
             raise ValueError(f"detection {i}: bbox must be [x, y, w, h], got {det['bbox']!r}")
 
 
-def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> CocoEvalResult:
-    """Full evaluation: metrics, the printed summary, and which metrics were undefined."""
+def coco_evaluate(
+    gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], backend: str = DEFAULT_BACKEND
+) -> CocoEvalResult:
+    """Full evaluation: metrics, the printed summary, and which metrics were undefined (`backend`: BACKENDS)."""
+    coco_class, evaluator_class = _coco_classes(backend)
     _check_detections(gt, detections)
     if len(detections) == 0:
         with_gt = {int(a["category_id"]) for a in gt["annotations"] if not a.get("iscrowd", 0)}
@@ -144,8 +169,8 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
         zeros = {k: 0.0 for k in METRICS}
         return CocoEvalResult(zeros, "no detections: every metric is 0.0\n", [], per_class, {"AP": 0.0, "AP50": 0.0})
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        coco_gt = _coco_from_dict(gt)
+    with contextlib.redirect_stdout(io.StringIO()):  # progress chatter ("creating index...", "DONE (t=...)")
+        coco_gt = _coco_from_dict(gt, coco_class)
         results = [
             {
                 "image_id": int(d["image_id"]),
@@ -156,12 +181,12 @@ def coco_evaluate(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
             for d in detections
         ]
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = evaluator_class(coco_gt, coco_dt, iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
+        agnostic = _agnostic(coco_gt, coco_dt, evaluator_class)
+    with contextlib.redirect_stdout(out):  # the report: the usual 12-line summary alone
         evaluator.summarize()
-    with contextlib.redirect_stdout(io.StringIO()):  # the report stays pycocotools' usual one
-        agnostic = _agnostic(coco_gt, coco_dt)
     stats = [float(s) for s in evaluator.stats[: len(METRICS)]]
     undefined = [name for name, s in zip(METRICS, stats, strict=True) if s < 0]
     metrics = {name: (max(s, 0.0) if np.isfinite(s) else 0.0) for name, s in zip(METRICS, stats, strict=True)}

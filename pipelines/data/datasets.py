@@ -107,6 +107,7 @@ def build_dataset(
     shuffle: str = "rows",
     batch_size: int = 16,
     image_format: str = "uint8",
+    passes: int = 1,
 ) -> ray.data.Dataset:
     """Shards at `location` → a lazily executed Dataset of model-ready rows (see `_to_samples`).
 
@@ -116,6 +117,12 @@ def build_dataset(
     `batch_size` rows: streamed without a barrier, as coarse as the shards are large).
     images containing only crowd regions are left out. train=False: resize to ``min_sizes[0]``, no
     augmentation, rows in shard order.
+
+    `passes` (train, shuffle "files" or "none"): one execution streams that many epochs back to back, each pass a
+    new shard order drawn from `seed` (see `pipelines.data.shards.pass_order`; decode tasks finish out of order, so
+    rows near a pass boundary may cross it). Training asks for every epoch of
+    the run in one execution: re-planning and re-starting the execution at each epoch stalled the workers for
+    ~1.5 s per epoch on the demo, while one stream decodes the next epoch's first batches as the current one ends.
     """
     if image_format not in ("uint8", "float32"):
         raise ValueError(f"image_format must be uint8 or float32, got {image_format!r}")
@@ -123,15 +130,20 @@ def build_dataset(
         raise ValueError(f"shuffle must be rows, files or none, got {shuffle!r}")
     if not min_sizes:
         raise ValueError("min_sizes must name at least one shorter-side size")
+    if passes > 1 and (not train or shuffle == "rows"):
+        raise ValueError("passes > 1 needs a train dataset with shuffle files or none (rows shuffles per execution)")
     permute = train and shuffle == "files"
     task_rows = batch_size * (TRAIN_TASK_BATCHES if train else 1)  # rows per decode task (val: one batch, in order)
     if train:
         from ray.data import FileShuffleConfig
         from ray.data._internal.random_config import RandomSeedConfig
 
-        # a new shard order at every execution (epoch); streamed, no barrier
-        file_shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle != "none" else None
-        ds = _split_blocks(read_shards(location, shuffle=file_shuffle), task_rows)
+        if passes > 1:  # every pass a new shard order, drawn here; streamed, no barrier
+            raw = read_shards(location, passes=passes, seed=seed if shuffle != "none" else None)
+        else:  # a new shard order at every execution (epoch); streamed, no barrier
+            file_shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle != "none" else None
+            raw = read_shards(location, shuffle=file_shuffle)
+        ds = _split_blocks(raw, task_rows)
         if shuffle == "rows":
             ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         # "files" has no all-to-all stage (randomize_block_order would hold every block of the epoch, i.e. the
@@ -153,9 +165,12 @@ def build_dataset(
     )
 
 
-def datasets_from_config(cfg: Any) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def datasets_from_config(cfg: Any, passes: int = 1) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(train, val) Datasets of a run config: the one builder that training, search trials, the tests and the data
-    benchmark share. Reads data.* (locations, shuffle, batch sizes), model.input (sizes) and train.seed."""
+    benchmark share. Reads data.* (locations, shuffle, batch sizes), model.input (sizes) and train.seed.
+
+    `passes`: epochs the train Dataset streams in one execution (`build_dataset`); 1 with data.stream_epochs off or
+    data.shuffle "rows" (an exact row shuffle is one all-to-all per epoch)."""
     inp = cfg.model.input
     train = build_dataset(
         cfg.data.train_shards,
@@ -166,6 +181,7 @@ def datasets_from_config(cfg: Any) -> tuple[ray.data.Dataset, ray.data.Dataset]:
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         batch_size=cfg.data.batch_size,  # decode tasks of TRAIN_TASK_BATCHES global batches
+        passes=passes if cfg.data.shuffle != "rows" and cfg.data.stream_epochs else 1,
     )
     val = build_dataset(
         cfg.data.val_shards,
@@ -191,5 +207,3 @@ class RayCollateFn(NumpyBatchCollateFn):
 def make_collate_fn(input_cfg: Any | None = None) -> RayCollateFn:
     """``collate_fn`` for ``iter_torch_batches``: normalise with InputConfig's mean/std, pad to size_divisible."""
     return RayCollateFn(BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator())
-
-

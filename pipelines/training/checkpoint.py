@@ -1,6 +1,7 @@
 """Training checkpoints: one ``state.pt`` that loads with ``torch.load(weights_only=True)``.
 
-Contents: model / optimizer / scheduler / GradScaler state dicts, step, epoch, the run config and the label map.
+Contents: model / optimizer / scheduler / GradScaler state dicts, step, epoch, the run config, the label map and
+the metrics (a ``metrics.json`` beside it, when present, holds those of an evaluation scored after the write).
 The config and label map are stored as JSON text (plain strings), never as pickled objects, so a checkpoint from
 an untrusted place cannot run code when it is loaded (weights_only refuses anything but tensors and containers).
 
@@ -21,6 +22,7 @@ import torch
 from retina.model import RetinaNet
 
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"  # the metrics of an evaluation scored after its checkpoint was written (background)
 FORMAT = "retina-checkpoint/1"
 
 
@@ -68,6 +70,11 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> Path:
     return path
 
 
+def write_metrics(directory: str | os.PathLike, metrics: dict[str, float]) -> None:
+    """Record the metrics of a checkpoint written before they were known (they replace state.pt's on load)."""
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(metrics, sort_keys=True))
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainState:
     """Read ``state.pt`` from a local checkpoint directory with weights_only=True; errors name the path."""
     path = Path(directory) / STATE_FILE
@@ -84,12 +91,20 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
         epoch=payload["epoch"],
         config=json.loads(payload["config_json"]),
         label_map=json.loads(payload["label_map_json"]),
-        metrics=json.loads(payload["metrics_json"]),
+        metrics=_metrics(Path(directory), payload["metrics_json"]),
         model=payload["model"],
         optimizer=payload["optimizer"],
         scheduler=payload["scheduler"],
         scaler=payload["scaler"],
     )
+
+
+def _metrics(directory: Path, in_state: str) -> dict[str, float]:
+    sidecar = directory / METRICS_FILE
+    try:
+        return json.loads(sidecar.read_text()) if sidecar.exists() else json.loads(in_state)
+    except ValueError as exc:
+        raise CheckpointError(f"{sidecar}: malformed metrics: {exc}") from None
 
 
 def model_from_state(state: TrainState) -> RetinaNet:

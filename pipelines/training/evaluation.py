@@ -1,5 +1,6 @@
-"""Distributed evaluation inside the Ray Train workers: every rank predicts its part of the val split, rank 0
-gathers the predictions and runs pycocotools' COCOeval (crowd regions honoured) → ``val/AP`` ... ``val/APl``.
+"""Distributed evaluation inside the Ray Train workers: every rank predicts its part of the val split
+(`predict_split`), rank 0 gathers the predictions, and COCOeval scores them (`score`: crowd regions honoured →
+``val/AP`` ... ``val/APl``), on rank 0 (`evaluate`) or in a background Ray task (`background_eval`).
 
 Unequal val parts cannot hang: inference runs on the bare model (no DDP collectives per batch), and the
 only collective is one `gather_object` per evaluation, which every rank reaches after its own last batch.
@@ -17,7 +18,7 @@ import torch
 
 from pipelines.training.distributed import gather_objects_to_rank0
 from retina.confusion import confusion_summary
-from retina.evaluation import CocoEvalResult, coco_evaluate, detections_to_coco
+from retina.evaluation import DEFAULT_BACKEND, CocoEvalResult, coco_evaluate, detections_to_coco
 from retina.model import RetinaNet
 
 
@@ -73,21 +74,27 @@ def _visual_sample(batch: dict[str, torch.Tensor], i: int, det: dict[str, torch.
     )
 
 
+@dataclass
+class Predictions:
+    """Every rank's predictions of the val split, gathered on rank 0 (numpy only: cheap to hand to a Ray task)."""
+
+    image_ids: list[int]
+    predictions: list[dict[str, np.ndarray]]  # per image: "boxes" (N, 4) xyxy original px, "scores", "labels"
+    samples: list[VisualSample] = field(default_factory=list)  # rank 0's first images, for the gallery
+
+
 @torch.no_grad()
-def evaluate(
+def predict_split(
     model: RetinaNet,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
-    coco_ids: list[int],
-    load_gt: Callable[[], dict[str, Any]],
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     num_samples: int = 0,
-) -> EvalResult:
-    """Predict every batch of this rank's val part, gather to rank 0 and evaluate there.
+) -> Predictions | None:
+    """Predict every batch of this rank's val part and gather them: the `Predictions` on rank 0, None elsewhere.
 
-    `model` is the bare RetinaNet (not the DDP wrapper); `load_gt` is called on rank 0 only.
-    """
+    `model` is the bare RetinaNet (not the DDP wrapper)."""
     was_training = model.training
     model.eval()
     image_ids: list[int] = []
@@ -112,16 +119,41 @@ def evaluate(
 
     rank, gathered = gather_objects_to_rank0((image_ids, predictions))
     if rank != 0:
-        return EvalResult(coco=None, num_images=0, num_detections=0)
-
+        return None
     all_ids = [i for ids, _ in gathered for i in ids]
     all_preds = [p for _, preds in gathered for p in preds]
-    gt = load_gt()
+    return Predictions(all_ids, all_preds, samples)
+
+
+def score(
+    gt: dict[str, Any], predictions: Predictions, coco_ids: list[int], backend: str = DEFAULT_BACKEND
+) -> EvalResult:
+    """COCOeval of gathered predictions against the val ground truth (rank 0, or a background Ray task)."""
     expected = {int(img["id"]) for img in gt["images"]}
-    if set(all_ids) != expected or len(all_ids) != len(expected):
+    ids = predictions.image_ids
+    if set(ids) != expected or len(ids) != len(expected):
         raise RuntimeError(
-            f"evaluation saw {len(all_ids)} predictions for {len(set(all_ids))} distinct images, but the val "
+            f"evaluation saw {len(ids)} predictions for {len(set(ids))} distinct images, but the val "
             f"ground truth has {len(expected)} images: the val split lost or duplicated rows"
         )
-    results = detections_to_coco(all_ids, all_preds, coco_ids)
-    return EvalResult(coco_evaluate(gt, results), len(all_ids), len(results), samples, confusion_summary(gt, results))
+    results = detections_to_coco(ids, predictions.predictions, coco_ids)
+    return EvalResult(coco_evaluate(gt, results, backend), len(ids), len(results), predictions.samples,
+                      confusion_summary(gt, results))  # fmt: skip
+
+
+def evaluate(
+    model: RetinaNet,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    coco_ids: list[int],
+    load_gt: Callable[[], dict[str, Any]],
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    num_samples: int = 0,
+    backend: str = DEFAULT_BACKEND,
+) -> EvalResult:
+    """Predict every rank's part, gather to rank 0 and evaluate there, synchronously (`load_gt`: rank 0 only)."""
+    predictions = predict_split(model, batches, device=device, autocast=autocast, num_samples=num_samples)
+    if predictions is None:
+        return EvalResult(coco=None, num_images=0, num_detections=0)
+    return score(load_gt(), predictions, coco_ids, backend)

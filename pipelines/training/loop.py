@@ -1,16 +1,18 @@
 """The per-worker training loop that Ray Train runs on every DDP worker (`train_func`).
 
-Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → for each epoch: train
-one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes`` say so, or a node is
-about to be preempted), then evaluate, checkpoint and report when due (every ``train.eval_every_epochs`` and at
-the end).
+Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → open this rank's
+stream of batches (every epoch of the run in one Ray Data execution, so no epoch starts with an empty pipeline)
+→ for each epoch: train one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes``
+say so, or a node is about to be preempted), then evaluate, checkpoint and report when due (every
+``train.eval_every_epochs`` and at the end).
 
-Collectives per step: one all-reduce of a 3-flag tensor [non-finite loss or gradient, out of data, checkpoint
-due]. It makes every rank stop together, both on a non-finite loss (no rank steps the optimizer with NaN
-gradients, so no checkpoint can hold NaN weights) and when one rank's data part ends first (no rank waits forever
-in a DDP gradient all-reduce that the others never join), and every rank checkpoint together (rank 0's clock
-decides a time-based checkpoint). Once per log interval all ranks also ask Ray whether a node of the group is
-being preempted (``ray.train.get_preemption_info``, a barrier).
+Collectives per step: one all-reduce of a 4-flag tensor [non-finite loss or gradient, out of data, checkpoint due,
+background evaluation scored]. It makes every rank stop together, both on a non-finite loss (no rank steps the
+optimizer with NaN gradients, so no checkpoint can hold NaN weights) and when one rank's data part ends first (no
+rank waits forever in a DDP gradient all-reduce that the others never join), and every rank checkpoint together
+(rank 0's clock decides a time-based checkpoint), and report a background evaluation at the same step when rank 0
+has its score. Once per log interval all ranks also ask Ray whether a node of the group is being preempted
+(``ray.train.get_preemption_info``, a barrier).
 
 Batch and lr when the world size changes (elastic runs): every worker keeps the per-worker batch of the full
 group (``data.batch_size / scaling.num_workers``), so the global batch is that times the workers present, and
@@ -40,15 +42,17 @@ from pipelines.config import Config
 from pipelines.data.datasets import make_collate_fn
 from pipelines.data.shards import coco_gt_from_shards
 from pipelines.tracking.logger import RunLogger
-from pipelines.training.checkpoint import load_checkpoint
+from pipelines.training.background_eval import BackgroundEvaluator
+from pipelines.training.checkpoint import load_checkpoint, write_metrics
 from pipelines.training.distributed import all_gather_objects, all_reduce, broadcast_buffers
-from pipelines.training.evaluation import evaluate
+from pipelines.training.evaluation import EvalResult, predict_split, score
 from pipelines.training.faults import Faults
 from pipelines.training.metrics import MetricWindow
-from pipelines.training.reporting import log_evaluation, report
+from pipelines.training.reporting import log_evaluation, report, write_checkpoint
 from pipelines.training.step import StepResult, TrainingParts, apply_update, autocast, forward_backward
 from retina.config import to_dict
 from retina.data.coco import LabelMap
+from retina.evaluation import DEFAULT_BACKEND
 from retina.model import build_retinanet
 
 logger = logging.getLogger("retina.train")
@@ -61,6 +65,7 @@ class Progress:
     last_train: dict[str, float] = field(default_factory=dict)  # the latest log window's metrics
     last_checkpoint_time: float = field(default_factory=time.monotonic)  # rank 0's clock
     preemption_saved: bool = False  # a just-in-time checkpoint was taken for the preemption under way
+    pending_eval: tuple[int, int] | None = None  # (step, epoch) of an evaluation being scored in the background
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Worker:
     tracker: RunLogger
     label_map: list[dict[str, Any]]  # [{"id", "name", "label"}]: stored with every checkpoint
     faults: Faults
+    train_images: int  # in the train split (its manifest's count)
     _gt: dict[str, Any] | None = None
 
     @functools.cached_property
@@ -89,6 +95,17 @@ class Worker:
     def global_batch(self) -> int:
         return self.per_worker_batch * self.world
 
+    @property
+    def epoch_steps(self) -> int:
+        """Steps in one pass over the train split with this group (`epoch_steps`)."""
+        return epoch_steps(self.train_images, self.world, self.per_worker_batch)
+
+    @functools.cached_property
+    def evaluator(self) -> BackgroundEvaluator:
+        """Rank 0's scorer of background evaluations (`background_eval`), made at the first one."""
+        return BackgroundEvaluator(self.ground_truth(), list(self.labels.coco_ids), backend=DEFAULT_BACKEND,
+                                   num_cpus=self.cfg.train.eval_task_cpus)  # fmt: skip
+
     def ground_truth(self) -> dict[str, Any]:
         """The val split's COCO ground truth, read once (rank 0 asks for it at each evaluation)."""
         if self._gt is None:
@@ -96,13 +113,21 @@ class Worker:
         return self._gt
 
 
+def epoch_steps(images: int, world: int, per_worker_batch: int) -> int:
+    """Optimizer steps in one pass over `images` train images: every rank gets an equal part of the rows (the train
+    split is equal=True) and drops its last partial batch."""
+    return max(1, (images // world) // max(1, per_worker_batch))
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config`: {"config": Config, "tracking_uri", "mlflow_run_id", "label_map": [{"id",
-    "name", "label"}, ...], "faults": Faults}. Returns {"step": last step} (+ NONFINITE_KEY when it diverged)."""
+    "name", "label"}, ...], "faults": Faults, "train_images": int}. Returns {"step": last step} (+ NONFINITE_KEY
+    when it diverged)."""
     cfg: Config = config["config"]
     ctx = ray.train.get_context()
     tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"], enabled=ctx.get_world_rank() == 0)
-    w = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), tracker, config["label_map"], config["faults"])
+    w = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), tracker, config["label_map"], config["faults"],
+               config["train_images"])  # fmt: skip
     if ray.train.torch.get_device().type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -130,43 +155,50 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     window = MetricWindow(parts.device, w.world, w.global_batch)
+    stream = None  # this rank's batches of every epoch in one Dataset execution (datasets_from_config's passes)
     while progress.step < cfg.train.max_steps:
-        batches = train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate,
-                                                drop_last=True)  # fmt: skip
+        if stream is None:  # the first epoch, or the previous execution ran out of rows: a new execution
+            stream = _look_ahead(train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate,
+                                                               drop_last=True), parts.device, w)  # fmt: skip
         epoch_start, start_step = time.perf_counter(), progress.step
-        diverged = train_one_epoch(parts, batches, w, progress, window)
+        diverged, out_of_data = train_one_epoch(parts, stream, w, progress, window)
         if diverged:
+            finish_pending_eval(w, progress)  # the last good evaluation and its checkpoint still count
             tracker.set_tag(names.ERROR_TAG, diverged[:5000])
             return {names.NONFINITE_KEY: diverged, names.STEP: progress.step}
+        stream = None if out_of_data else stream
         progress.epoch += 1
         if progress.epoch % cfg.train.eval_every_epochs == 0 or progress.step >= cfg.train.max_steps:
             epoch_rate = (progress.step - start_step) * w.global_batch / (time.perf_counter() - epoch_start)
             val_batches = val_data.iter_torch_batches(batch_size=cfg.data.val_batch_size, collate_fn=collate)
             evaluate_and_report(parts, val_batches, w, progress, epoch_rate)
+    finish_pending_eval(w, progress)  # (the last evaluation is scored in place: nothing is pending by now)
     return {names.STEP: progress.step}
 
 
 def train_one_epoch(
-    parts: TrainingParts, batches: Any, w: Worker, progress: Progress, window: MetricWindow
-) -> str | None:
-    """Step through this rank's part of one epoch (or until train.max_steps); log every train.log_every steps and
-    checkpoint when due. Returns None, or the non-finite-loss message when any rank's loss or gradient stopped
-    being finite."""
+    parts: TrainingParts, stream: Iterator[tuple[dict[str, torch.Tensor], bool]], w: Worker, progress: Progress,
+    window: MetricWindow,
+) -> tuple[str | None, bool]:  # fmt: skip
+    """Take one epoch's steps (`Worker.epoch_steps`, or until train.max_steps) from `stream`; log every
+    train.log_every steps and checkpoint when due. Returns (None, or the non-finite-loss message when any rank's
+    loss or gradient stopped being finite; whether some rank's stream ran out of rows)."""
     t = w.cfg.train
     parts.model.train()
-    for batch, is_last in _look_ahead(batches, parts.device, progress.epoch, w.global_batch):
+    for taken, (batch, is_last) in enumerate(stream, start=1):
         w.faults.maybe_fail(progress.step, w.rank, w.world)
         result = forward_backward(parts, batch, inject_nan=progress.step == w.faults.nan_at_step)
         # The step's one collective: stop on a non-finite value anywhere, when any rank's data part ends, and
         # checkpoint after this step when it is due by steps or by rank 0's clock.
-        host = torch.tensor([float(is_last), float(_checkpoint_due(w, progress))], device=parts.device)
-        flags = all_reduce(torch.cat([result.bad.float().reshape(1), host]))  # [non-finite, out of data, ckpt]
+        host = [float(is_last), float(_checkpoint_due(w, progress)), float(_eval_scored(w, progress))]
+        # [non-finite, out of data, checkpoint due, background evaluation scored]
+        flags = all_reduce(torch.cat([result.bad.float().reshape(1), torch.tensor(host, device=parts.device)]))
         if progress.step == 0:  # a fresh run's first step (a resumed run starts past it): what π starts from
             _log_initial_loss(w, result)
         if bool(flags[0]):
             message = _nonfinite_message(progress.step, result)
             logger.error("rank %d: %s", w.rank, message)
-            return message
+            return message, False
         apply_update(parts)
         progress.step += 1
         window.add(result)
@@ -178,12 +210,14 @@ def train_one_epoch(
                 logger.info("step %d/%d %s", progress.step, t.max_steps,
                             " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in progress.last_train.items()))  # fmt: skip
             preempted = _preemption_notice(progress)
+        if bool(flags[3]):
+            finish_pending_eval(w, progress)
         if (bool(flags[2]) or preempted) and progress.step < t.max_steps:  # the last step is evaluated anyway
             # a just-in-time checkpoint is uploaded before training goes on: the node may be gone any second
             checkpoint_and_report(parts, w, progress, async_upload=w.cfg.run.async_upload and not preempted)
-        if progress.step >= t.max_steps or bool(flags[1]):
-            return None
-    return None
+        if progress.step >= t.max_steps or bool(flags[1]) or taken == w.epoch_steps:
+            return None, bool(flags[1])
+    return None, True
 
 
 def _log_initial_loss(w: Worker, result: StepResult) -> None:
@@ -191,6 +225,11 @@ def _log_initial_loss(w: Worker, result: StepResult) -> None:
     collective, once per run). A non-finite one is not logged (RunLogger drops it; the run stops as diverged)."""
     loss = all_reduce(result.loss.detach().float().reshape(1), dist.ReduceOp.SUM) / w.world
     w.tracker.log_metrics({names.TRAIN_INITIAL_LOSS: float(loss)}, 0)
+
+
+def _eval_scored(w: Worker, progress: Progress) -> bool:
+    """Rank 0: whether the background evaluation's score has arrived (never blocks)."""
+    return w.rank == 0 and progress.pending_eval is not None and w.evaluator.ready()
 
 
 def _checkpoint_due(w: Worker, progress: Progress) -> bool:
@@ -220,7 +259,9 @@ def _preemption_notice(progress: Progress) -> bool:
 
 
 def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress, *, async_upload: bool) -> None:
-    """A step checkpoint between evaluations: the training metrics, no val/AP (scored below every evaluated one)."""
+    """A step checkpoint between evaluations: the training metrics, no val/AP (scored below every evaluated one).
+    A background evaluation still being scored is reported first: checkpoints reach Ray in step order."""
+    finish_pending_eval(w, progress)
     metrics = {**progress.last_train, names.STEP: progress.step, names.EPOCH: progress.epoch,
                names.CHECKPOINT_SCORE: names.STEP_CHECKPOINT_SCORE}  # fmt: skip
     state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, {}) if w.rank == 0 else None
@@ -229,18 +270,16 @@ def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress, *
     w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
 
 
-def _look_ahead(
-    batches: Any, device: torch.device, epoch: int, global_batch: int
-) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
-    """(batch on the device, whether it is this rank's last of the epoch): the next batch is fetched before the
+def _look_ahead(batches: Any, device: torch.device, w: Worker) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """(batch on the device, whether it is this rank's last of the execution): the next batch is fetched before the
     current one is yielded, so the "out of data" flag can ride on the step's collective."""
     it = iter(batches)
     batch = next(it, None)
-    # every rank needs a batch before the first DDP step of the epoch, or none of them steps
+    # every rank needs a batch before the first DDP step, or none of them steps
     empty = all_reduce(torch.tensor([float(batch is None)], device=device))
     if bool(empty[0]):
-        raise RuntimeError(f"rank {ray.train.get_context().get_world_rank()}: no training batch in epoch {epoch + 1} "
-                           f"(train split smaller than {global_batch} images?)")  # fmt: skip
+        raise RuntimeError(f"rank {w.rank}: no training batch (train split smaller than {w.global_batch} "
+                           "images?)")  # fmt: skip
     while batch is not None:
         nxt = next(it, None)
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, nxt is None
@@ -262,37 +301,65 @@ def _nonfinite_message(step: int, result: StepResult) -> str:
 def evaluate_and_report(
     parts: TrainingParts, val_batches: Any, w: Worker, progress: Progress, epoch_images_per_s: float
 ) -> None:
-    """Evaluate on the val split (all ranks), then report the metrics; rank 0 logs them and the checkpoint."""
+    """Evaluate on the val split: every rank predicts its part, rank 0 gathers. The last evaluation (or every one,
+    with train.background_eval off) is scored here and reported at once; the others are scored in a background
+    Ray task while training goes on, and `finish_pending_eval` reports them (metrics + the checkpoint written
+    now, at the evaluated step)."""
+    finish_pending_eval(w, progress)  # one evaluation at a time, reported in order
     eval_start = time.perf_counter()
     final = progress.step >= w.cfg.train.max_steps
     broadcast_buffers(parts.model)  # every rank evaluates the model the checkpoint holds
-    result = evaluate(
-        parts.model,
-        val_batches,
-        coco_ids=list(w.labels.coco_ids),
-        load_gt=w.ground_truth,  # called on rank 0 only
-        device=parts.device,
-        autocast=autocast(w.cfg.train.amp, parts.device),
-        num_samples=w.cfg.train.num_logged_images if final else 0,
-    )
-    metrics = {
-        **progress.last_train,
-        **result.metrics(),
-        names.CHECKPOINT_SCORE: result.metrics().get(names.VAL_AP, names.STEP_CHECKPOINT_SCORE),
-        names.STEP: progress.step,
-        names.EPOCH: progress.epoch,
-        names.TRAIN_EPOCH_IMAGES_PER_S: epoch_images_per_s,
-        names.VAL_SECONDS: time.perf_counter() - eval_start,
-    }
-    async_upload = w.cfg.run.async_upload
-    if w.rank != 0:
-        report(metrics, None, async_upload=async_upload)
-        progress.last_checkpoint_time = time.monotonic()
+    predictions = predict_split(parts.model, val_batches, device=parts.device,
+                                autocast=autocast(w.cfg.train.amp, parts.device),
+                                num_samples=w.cfg.train.num_logged_images if final else 0)  # fmt: skip
+    metrics = {**progress.last_train, names.STEP: progress.step, names.EPOCH: progress.epoch,
+               names.TRAIN_EPOCH_IMAGES_PER_S: epoch_images_per_s}  # fmt: skip
+    state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, {}) if w.rank == 0 else None
+    if w.cfg.train.background_eval and not final:
+        if predictions is not None:  # rank 0: the checkpoint of the evaluated weights, written before they change
+            directory = write_checkpoint(state)
+            w.evaluator.submit(progress.step, predictions.image_ids, predictions.predictions, (metrics, directory))
+        progress.pending_eval = (progress.step, progress.epoch)
+        w.tracker.log_metrics({names.VAL_SECONDS: time.perf_counter() - eval_start}, progress.step)
         return
-    log_evaluation(w.tracker, result, metrics, progress.step, progress.epoch, w.labels)
-    state = parts.state(progress.step, progress.epoch, to_dict(w.cfg), w.label_map, result.metrics())
-    seconds = report(metrics, state, async_upload=async_upload)
+    result = EvalResult(coco=None, num_images=0, num_detections=0)
+    if predictions is not None:
+        score_start = time.perf_counter()
+        result = score(w.ground_truth(), predictions, list(w.labels.coco_ids), DEFAULT_BACKEND)
+        metrics[names.VAL_SCORE_SECONDS] = time.perf_counter() - score_start
+        state.metrics = result.metrics()
+    metrics[names.VAL_SECONDS] = time.perf_counter() - eval_start
+    _report_evaluation(w, progress, result, metrics, state)
+
+
+def finish_pending_eval(w: Worker, progress: Progress) -> None:
+    """Report the background evaluation, if one is pending (every rank calls it at the same step; rank 0 waits
+    for the score if it has not arrived)."""
+    if progress.pending_eval is None:
+        return
+    step, epoch = progress.pending_eval
+    progress.pending_eval = None
+    if w.rank != 0:
+        _report_evaluation(w, progress, EvalResult(None, 0, 0), {names.STEP: step, names.EPOCH: epoch}, None)
+        return
+    finished = w.evaluator.wait()
+    metrics, directory = finished.extra
+    metrics[names.VAL_SCORE_SECONDS] = finished.seconds
+    write_metrics(directory, finished.result.metrics())  # what the checkpoint records as its evaluation
+    _report_evaluation(w, progress, finished.result, metrics, directory)
+
+
+def _report_evaluation(
+    w: Worker, progress: Progress, result: EvalResult, metrics: dict[str, Any], checkpoint: Any
+) -> None:
+    """Every rank reports an evaluation; rank 0 logs it (at its step) and attaches its checkpoint."""
+    metrics = {**metrics, **result.metrics(),
+               names.CHECKPOINT_SCORE: result.metrics().get(names.VAL_AP, names.STEP_CHECKPOINT_SCORE)}  # fmt: skip
+    step, epoch = int(metrics[names.STEP]), int(metrics[names.EPOCH])
+    if w.rank == 0:
+        log_evaluation(w.tracker, result, metrics, step, epoch, w.labels)
+    seconds = report(metrics, checkpoint, async_upload=w.cfg.run.async_upload)
     progress.last_checkpoint_time = time.monotonic()
-    w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
-    logger.info("epoch %d step %d: %s", progress.epoch, progress.step,
-                {k: round(v, 4) for k, v in result.metrics().items()})  # fmt: skip
+    w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, step)
+    if w.rank == 0:
+        logger.info("epoch %d step %d: %s", epoch, step, {k: round(v, 4) for k, v in result.metrics().items()})

@@ -18,8 +18,17 @@ from retina.data.coco import LabelMap
 from retina.evaluation import agnostic_line, agnostic_metrics, per_class_metrics, per_class_rows, per_class_table
 
 
-def report(metrics: dict[str, Any], state: TrainState | None, *, async_upload: bool) -> float:
-    """Every rank reports `metrics`; rank 0 (the one with a `state`) attaches the checkpoint it writes.
+def write_checkpoint(state: TrainState) -> str:
+    """Write `state` into a new local directory for `report` (rank 0)."""
+    # Not a TemporaryDirectory: an asynchronous upload reads it after `report` returns; Ray deletes it.
+    directory = tempfile.mkdtemp(prefix="retina-checkpoint-")
+    save_checkpoint(directory, state)
+    return directory
+
+
+def report(metrics: dict[str, Any], checkpoint: TrainState | str | None, *, async_upload: bool) -> float:
+    """Every rank reports `metrics`; rank 0 attaches the checkpoint: a `TrainState` it writes now, or a directory
+    `write_checkpoint` wrote earlier (a background evaluation's, written at the evaluated step).
 
     With `async_upload` the copy to storage runs in Ray's background thread: the ranks wait (at the report's
     barrier) only for rank 0's local write. Ray registers the checkpoint, i.e. makes it the one a restart
@@ -27,12 +36,10 @@ def report(metrics: dict[str, Any], state: TrainState | None, *, async_upload: b
     Returns the seconds this call took (the stall it caused on this rank)."""
     start = time.perf_counter()
     mode = ray.train.CheckpointUploadMode.ASYNC if async_upload else ray.train.CheckpointUploadMode.SYNC
-    if state is None:
+    if checkpoint is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
         return time.perf_counter() - start
-    # Not a TemporaryDirectory: an asynchronous upload reads it after this function returns; Ray deletes it.
-    directory = tempfile.mkdtemp(prefix="retina-checkpoint-")
-    save_checkpoint(directory, state)
+    directory = checkpoint if isinstance(checkpoint, str) else write_checkpoint(checkpoint)
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(directory),

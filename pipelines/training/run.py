@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.capacity import check_capacity
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
+from pipelines.training.loop import epoch_steps
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
 from retina.config import ConfigError, flatten, to_dict
 
@@ -94,9 +96,12 @@ def fit(
     callbacks: list[Any] | None = None,
 ) -> ray.train.Result:
     """One TorchTrainer run of `cfg` logging into MLflow run `run_id`; raises NonFiniteLossError on divergence."""
+    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
     loop_config = {"config": cfg, "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "label_map": labels,
-                   "faults": faults}  # fmt: skip
-    train_ds, val_ds = datasets_from_config(cfg)
+                   "faults": faults, "train_images": images}  # fmt: skip
+    # every epoch of the run in one execution (+1: rows dropped as crowd-only must not end the stream early; a
+    # smaller elastic group needs fewer images); a restart re-executes it from the start
+    train_ds, val_ds = datasets_from_config(cfg, passes=math.ceil(cfg.train.max_steps / steps_per_epoch(cfg)) + 1)
     result = build_trainer(cfg, loop_config, {"train": train_ds, "val": val_ds}, callbacks).fit()
     returned = result.return_value or {}  # rank 0's return value
     if isinstance(returned, dict) and returned.get(names.NONFINITE_KEY):
@@ -146,12 +151,10 @@ def run_training(cfg: Config, config_path: str | None = None, *, restart: bool =
 
 
 def steps_per_epoch(cfg: Config) -> int:
-    """Optimizer steps in one pass over the train split with the full group (each rank drops its last partial
-    batch)."""
+    """Optimizer steps in one pass over the train split with the full group (`loop.epoch_steps`)."""
     world = cfg.scaling.num_workers
     images = num_images(cfg.data.train_shards) or cfg.data.batch_size
-    # every worker gets an equal part of the rows (the train split is equal=True) and drops its last partial batch
-    return max(1, (images // world) // max(1, cfg.data.batch_size // world))
+    return epoch_steps(images, world, cfg.data.batch_size // world)
 
 
 def _finished(cfg: Config, run: Any, params: dict, run_dir: str, tracking_uri: str, started: float) -> TrainOutcome:

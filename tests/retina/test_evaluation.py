@@ -1,4 +1,4 @@
-"""COCO evaluation (retina.evaluation) with real pycocotools."""
+"""COCO evaluation (retina.evaluation) with real pycocotools and faster-coco-eval."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from retina.data.coco import LabelMap
 from retina.evaluation import (
+    BACKENDS,
     METRICS,
     agnostic_line,
     agnostic_metrics,
@@ -108,7 +109,7 @@ def test_undefined_area_ranges_are_zero_and_listed_and_prints_captured(capsys):
     result = coco_evaluate(gt, _perfect(gt))
     assert result.metrics["APm"] == pytest.approx(1.0)
     assert result.metrics["APs"] == 0.0 and set(result.undefined) == {"APs", "APl"}
-    assert "Average Precision" in result.report
+    assert result.report.startswith(" Average Precision") and len(result.report.splitlines()) >= 12
     assert capsys.readouterr().out == ""  # nothing leaked to stdout
 
 
@@ -138,3 +139,51 @@ def test_model_outputs_map_back_to_coco_ids_and_xywh():
     }
     assert evaluate_detections(_gt(), results)["AP"] == pytest.approx(1.0)
     np.testing.assert_allclose(boxes_to_original([[10, 20, 30, 40]], (100, 200), (50, 400)), [[20, 10, 60, 20]])
+
+
+def _random_workload(seed: int) -> tuple[dict, list[dict]]:
+    """150 images, 6 classes (one without ground truth), crowd regions, empty images, jittered and false
+    detections: the cases where two COCOeval implementations could disagree."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 5, 7, 8, 9)]}
+    dets = []
+    for image_id in range(1, 151):
+        gt["images"].append({"id": image_id, "height": 300, "width": 400})
+        for _ in range(int(rng.integers(0, 6))):
+            w, h = np.exp(rng.uniform(np.log(4), np.log(200), size=2))
+            x, y = rng.uniform(0, 400 - w), rng.uniform(0, 300 - h)
+            cat = int(rng.choice([1, 2, 5, 7, 8]))
+            crowd = int(rng.random() < 0.05)
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": cat,
+                                      "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd})  # fmt: skip
+            if rng.random() < 0.8:
+                jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+                label = cat if rng.random() < 0.8 else int(rng.choice([1, 2, 5, 7, 8, 9]))
+                dets.append({"image_id": image_id, "category_id": label, "bbox": list(np.array([x, y, w, h]) + jitter),
+                             "score": float(rng.uniform(0.2, 1))})  # fmt: skip
+        for _ in range(int(rng.integers(0, 4))):
+            box = [*rng.uniform(0, 200, 2), *rng.uniform(5, 100, 2)]
+            dets.append({"image_id": image_id, "category_id": int(rng.choice([1, 2, 5, 7, 8, 9])), "bbox": box,
+                         "score": float(rng.random())})  # fmt: skip
+    return gt, dets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_backends_agree_on_every_number(seed):
+    gt, dets = _random_workload(seed)
+    reference, fast = (coco_evaluate(gt, dets, backend=b) for b in BACKENDS)
+    assert 0.1 < reference.metrics["AP"] < 0.9  # a workload with something to get right and wrong
+    for key in METRICS:
+        assert fast.metrics[key] == pytest.approx(reference.metrics[key], abs=1e-12), key
+    assert fast.per_class.keys() == reference.per_class.keys() and 9 not in reference.per_class
+    for cat, row in reference.per_class.items():
+        assert fast.per_class[cat] == pytest.approx(row, abs=1e-12)
+    assert fast.agnostic == pytest.approx(reference.agnostic, abs=1e-12)
+    assert fast.undefined == reference.undefined
+    # the same 12-line summary; faster-coco-eval adds AR at IoU 0.5 and 0.75
+    assert fast.report.splitlines()[:12] == reference.report.splitlines()
+
+
+def test_unknown_backend_is_an_error_naming_the_choices():
+    with pytest.raises(ValueError, match="unknown COCOeval backend 'fast'.*pycocotools"):
+        coco_evaluate(_gt(), _perfect(_gt()), backend="fast")
