@@ -1,7 +1,12 @@
 """Images/s of the Ray Data input path vs a torch DataLoader doing the same work, on this machine.
 
-    python benchmarks/data_pipeline.py [--num-images 1200] [--min-size 512] [--max-size 853] [--batch-size 8]
-                                       [--rows-per-shard 64]
+    python benchmarks/data_pipeline.py [--profile sample|coco] [--num-images 1200] [--min-size 512]
+                                       [--max-size 853] [--batch-size 8] [--rows-per-shard 64]
+
+`--profile coco` generates COCO-shaped images (640 px, ~7 objects; `retina.data.synthetic`) and, unless given,
+resizes them as the COCO recipe does (800 / 1333). Besides the ratio it prints images/s per CPU core and the CPU
+cores one GPU needs to be fed at 150 and at 280 images/s (the latter: NVIDIA's MLPerf Training RetinaNet rate
+per H100).
 
 Both sides produce the same contract batches (retina.data.collate) from the same synthetic JPEGs with the same
 training transform (decode → random scale from [min_size] → random flip → normalise → pad to 128):
@@ -86,8 +91,9 @@ def bench_dataloader(root: Path, ann: Path, augment: TrainAugment, args) -> list
     return _run_epochs(lambda: iter(loader), args.epochs)
 
 
-def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str) -> list[tuple[int, float]]:
-    """Training's own input path: the train Dataset of `datasets_from_config` for a run config with these sizes."""
+def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str, stream: bool = False) -> list[tuple[int, float]]:
+    """Training's own input path: the train Dataset of `datasets_from_config` for a run config with these sizes;
+    `stream`: every epoch in one execution (data.stream_epochs, what training does with shuffle=files)."""
     from pipelines.config import load_config
     from pipelines.data.datasets import datasets_from_config, make_collate_fn
 
@@ -97,9 +103,25 @@ def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str) -> list[tu
         f"model.input.min_size={augment.min_sizes[0]}", f"model.input.max_size={augment.max_size}",
         "scaling.num_workers=1", "train.seed=0",
     ])  # fmt: skip
-    ds, _ = datasets_from_config(cfg)
     collate = make_collate_fn(cfg.model.input)
+    if stream:
+        ds, _ = datasets_from_config(cfg, passes=args.epochs)
+        return _split_stream(ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args)
+    ds, _ = datasets_from_config(cfg)
     return _run_epochs(lambda: ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args.epochs)
+
+
+def _split_stream(batches, args) -> list[tuple[int, float]]:
+    """[(images, seconds)] per epoch-worth of images of one stream (the epochs follow each other without a gap)."""
+    out, start, n = [], time.perf_counter(), 0
+    for batch in batches:
+        n += int(batch["images"].shape[0])
+        if n >= args.num_images - args.batch_size and len(out) < args.epochs - 1:  # this epoch's last batch
+            now = time.perf_counter()
+            out.append((n, now - start))
+            start, n = now, 0
+    out.append((n, time.perf_counter() - start))
+    return out
 
 
 def _rates(epochs: list[tuple[int, float]]) -> tuple[float, float]:
@@ -110,15 +132,19 @@ def _rates(epochs: list[tuple[int, float]]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["sample", "coco"], default="sample")
     parser.add_argument("--num-images", type=int, default=1200)
-    parser.add_argument("--min-size", type=int, default=512)
-    parser.add_argument("--max-size", type=int, default=853)
+    parser.add_argument("--min-size", type=int, default=None, help="default 512 (sample) / 800 (coco)")
+    parser.add_argument("--max-size", type=int, default=None, help="default 853 (sample) / 1333 (coco)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rows-per-shard", type=int, default=64, help="as pipelines/data/sample.py prepares")
     parser.add_argument("--cpus", type=int, default=2, help="DataLoader workers = Ray CPUs")
     parser.add_argument("--workdir", default=None, help="where to put the synthetic data (default: a temp dir)")
     args = parser.parse_args()
+    coco = args.profile == "coco"
+    args.min_size = args.min_size or (800 if coco else 512)
+    args.max_size = args.max_size or (1333 if coco else 853)
 
     import ray
 
@@ -126,7 +152,7 @@ def main() -> None:
     from retina.data.synthetic import generate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="retina-bench-"))
-    ann = generate(work / "raw", args.num_images, seed=0)
+    ann = generate(work / "raw", args.num_images, seed=0, profile=args.profile, workers=args.cpus)
     augment = TrainAugment([args.min_size], args.max_size, 0.5)
     torch.set_num_threads(1)  # the consumer only normalises and pads; keep the cores for the workers
 
@@ -138,18 +164,23 @@ def main() -> None:
     results = {"torch DataLoader": dl}
     for shuffle in ("rows", "files"):
         results[f"Ray Data (shuffle={shuffle})"] = bench_ray(str(work / "shards"), augment, args, shuffle)
+    results["Ray Data (shuffle=files, epochs streamed)"] = bench_ray(str(work / "shards"), augment, args, "files", True)
     ray.shutdown()
 
     dl_rate = _rates(dl)[1]
+    sizes = "640 px, COCO-shaped" if coco else "192-320 px"
     print(
-        f"\n{args.num_images} synthetic images (192-320 px) → min_size {args.min_size} / max_size {args.max_size}, "
+        f"\n{args.num_images} synthetic images ({sizes}) → min_size {args.min_size} / max_size {args.max_size}, "
         f"batch {args.batch_size}, {args.cpus} CPUs, {args.epochs} epochs\n"
     )
-    print("| input path | first epoch (img/s) | steady state (img/s) | ratio vs DataLoader |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| input path | first epoch (img/s) | steady state (img/s) | ratio vs DataLoader | img/s per core | "
+          "cores per GPU at 150 / 280 img/s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, epochs in results.items():
         first, steady = _rates(epochs)
-        print(f"| {name} | {first:.1f} | {steady:.1f} | {steady / dl_rate:.2f} |")
+        per_core = steady / args.cpus
+        print(f"| {name} | {first:.1f} | {steady:.1f} | {steady / dl_rate:.2f} | {per_core:.1f} | "
+              f"{150 / per_core:.0f} / {280 / per_core:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ last checkpoint (FailureConfig), which replays the same steps into the same NaN.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import time
@@ -49,7 +50,14 @@ from pipelines.training.evaluation import EvalResult, predict_split, score
 from pipelines.training.faults import Faults
 from pipelines.training.metrics import MetricWindow
 from pipelines.training.reporting import log_evaluation, report, write_checkpoint
-from pipelines.training.step import StepResult, TrainingParts, apply_update, autocast, forward_backward
+from pipelines.training.step import (
+    StepResult,
+    TrainingParts,
+    apply_update,
+    autocast,
+    forward_backward,
+    warm_up_loss,
+)
 from retina.config import to_dict
 from retina.data.coco import LabelMap
 from retina.evaluation import DEFAULT_BACKEND
@@ -80,6 +88,7 @@ class Worker:
     label_map: list[dict[str, Any]]  # [{"id", "name", "label"}]: stored with every checkpoint
     faults: Faults
     train_images: int  # in the train split (its manifest's count)
+    run_started_at: float  # time.time() on the driver when the run started (time to first step)
     _gt: dict[str, Any] | None = None
 
     @functools.cached_property
@@ -121,13 +130,13 @@ def epoch_steps(images: int, world: int, per_worker_batch: int) -> int:
 
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config`: {"config": Config, "tracking_uri", "mlflow_run_id", "label_map": [{"id",
-    "name", "label"}, ...], "faults": Faults, "train_images": int}. Returns {"step": last step} (+ NONFINITE_KEY
-    when it diverged)."""
+    "name", "label"}, ...], "faults": Faults, "train_images": int, "run_started_at": float}. Returns {"step": last
+    step} (+ NONFINITE_KEY when it diverged)."""
     cfg: Config = config["config"]
     ctx = ray.train.get_context()
     tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"], enabled=ctx.get_world_rank() == 0)
     w = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), tracker, config["label_map"], config["faults"],
-               config["train_images"])  # fmt: skip
+               config["train_images"], config["run_started_at"])  # fmt: skip
     if ray.train.torch.get_device().type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -139,6 +148,15 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir)
         model.load_state_dict(state.model)
+    if state is not None and state.step >= cfg.train.max_steps:
+        logger.info("rank %d: the run already finished (step %d of %d)", w.rank, state.step, cfg.train.max_steps)
+        return {names.STEP: state.step}
+
+    collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
+    train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    # the data pipeline starts (decode workers, first tasks) while DDP is set up and the loss kernels compile
+    batches = train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
+    first = _Prefetched(batches) if cfg.train.overlap_startup else batches
     parts = TrainingParts.build(model, cfg.train, w.global_batch)
     progress = Progress()
     if state is not None:
@@ -146,16 +164,16 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         progress.step, progress.epoch = state.step, state.epoch
         logger.info("rank %d: resumed from %s at step %d, epoch %d", w.rank, checkpoint.path, state.step, state.epoch)
         tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))
-    if progress.step >= cfg.train.max_steps:
-        logger.info("rank %d: the run already finished (step %d of %d)", w.rank, progress.step, cfg.train.max_steps)
-        return {names.STEP: progress.step}
+    loss = cfg.model.loss
+    compile_s = 0.0
+    if cfg.train.overlap_startup:
+        compile_s = warm_up_loss(cfg.model.num_classes, cfg.train.amp, parts.device, loss.alpha, loss.gamma)
     # every (re)start logs the group it trains with: a run's history shows each resize
-    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
+    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch,
+                        names.STARTUP_COMPILE_S: compile_s}, progress.step)  # fmt: skip
 
-    collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
-    train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     window = MetricWindow(parts.device, w.world, w.global_batch)
-    stream = None  # this rank's batches of every epoch in one Dataset execution (datasets_from_config's passes)
+    stream = _look_ahead(first, parts.device, w)  # this rank's batches of every epoch in one Dataset execution
     while progress.step < cfg.train.max_steps:
         if stream is None:  # the first epoch, or the previous execution ran out of rows: a new execution
             stream = _look_ahead(train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate,
@@ -195,6 +213,7 @@ def train_one_epoch(
         flags = all_reduce(torch.cat([result.bad.float().reshape(1), torch.tensor(host, device=parts.device)]))
         if progress.step == 0:  # a fresh run's first step (a resumed run starts past it): what π starts from
             _log_initial_loss(w, result)
+            w.tracker.log_metrics({names.STARTUP_FIRST_STEP_S: time.time() - w.run_started_at}, 0)
         if bool(flags[0]):
             message = _nonfinite_message(progress.step, result)
             logger.error("rank %d: %s", w.rank, message)
@@ -268,6 +287,24 @@ def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress, *
     seconds = report(metrics, state, async_upload=async_upload)
     progress.last_checkpoint_time = time.monotonic()
     w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
+
+
+class _Prefetched:
+    """An iterable of batches whose first one is fetched in a thread from construction on: Ray Data's execution
+    (worker processes, the first decode tasks) gets going while the caller does other start-up work."""
+
+    def __init__(self, batches: Any) -> None:
+        self._it = iter(batches)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch")
+        self._first = self._pool.submit(next, self._it, None)
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self._first.result()  # re-raises what the fetch raised
+        self._pool.shutdown(wait=False)
+        if first is None:
+            return
+        yield first
+        yield from self._it
 
 
 def _look_ahead(batches: Any, device: torch.device, w: Worker) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:

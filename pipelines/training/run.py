@@ -98,7 +98,7 @@ def fit(
     """One TorchTrainer run of `cfg` logging into MLflow run `run_id`; raises NonFiniteLossError on divergence."""
     images = num_images(cfg.data.train_shards) or cfg.data.batch_size
     loop_config = {"config": cfg, "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "label_map": labels,
-                   "faults": faults, "train_images": images}  # fmt: skip
+                   "faults": faults, "train_images": images, "run_started_at": time.time()}  # fmt: skip
     # every epoch of the run in one execution (+1: rows dropped as crowd-only must not end the stream early; a
     # smaller elastic group needs fewer images); a restart re-executes it from the start
     train_ds, val_ds = datasets_from_config(cfg, passes=math.ceil(cfg.train.max_steps / steps_per_epoch(cfg)) + 1)
