@@ -3,12 +3,13 @@
     python benchmarks/prepare_scaling.py [--sizes 1000 5000 20000] [--cpus 2] [--workdir DIR]
 
 Generates the largest size once with the ``coco`` profile of `retina.data.synthetic` (640 px JPEGs, ~7.3 objects
-per image, COCO's 80 category ids; not timed), writes one annotation file per size holding the first N images,
-then prepares each size into Parquet shards (`pipelines.data.prepare.prepare`, 512 rows per shard, the CLI's
-default) on a local Ray with `--cpus` CPUs. Peak memory is sampled every 0.2 s as the proportional set size (PSS:
-shared pages counted once, split between their users) summed over this process and every process under it (Ray's
-raylet, object store and workers). Printed per size: seconds, images/s, peak memory, and the ratios against the
-smallest size: seconds per image (1.0 = linear growth) and peak memory (1.0 = flat).
+per image, COCO's 80 category ids; not timed), writes one annotation file per size holding the first N images, then
+(after one untimed warm-up preparation: Ray starts its worker processes) prepares each size into Parquet shards
+(`pipelines.data.prepare.prepare`, 512 rows per shard, the CLI's default) on a local Ray with `--cpus` CPUs. Peak
+memory is sampled every 0.2 s as the proportional set size (PSS: shared pages counted once, split between their
+users) summed over this process and every process under it (Ray's raylet, object store and workers). Printed per
+size: seconds, images/s, peak memory, and the ratios against the smallest size: seconds per image (1.0 = linear
+growth) and peak memory (1.0 = flat).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # untimed: Ray's first tasks start worker processes (imports), a one-off cost that is not per image
+    prepare(str(subset(annotations, 20)), str(work / "raw" / "images"), str(work / "shards_warmup"), overwrite=True)
     rows = []
     for n in sorted(args.sizes):
         ann = subset(annotations, n)
