@@ -2,6 +2,10 @@
 without a checkpoint holding NaN weights, and the MLflow run ends FAILED. Then the same command, re-run after
 the cause is gone, resumes that run from its last good checkpoint instead of starting over.
 
+The step-4 evaluation is scored in a background Ray task (train.background_eval, the default) and the NaN comes at
+step 5: that evaluation and its checkpoint must still be reported (the good state the re-run resumes from), with
+the score of the weights it evaluated.
+
 MLflow here is the embedded default: no tracking URI anywhere → ``sqlite:///mlflow.db`` in the working directory.
 The NaN comes from ``RETINA_TEST_FAULTS={"nan_at_step": 5}`` in this process, the run's driver.
 """
@@ -83,6 +87,27 @@ def test_no_checkpoint_with_nan_weights(nan_run, workdir):
     state = load_checkpoint(states[0].parent)
     assert state.step == 4
     assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+
+
+def test_background_evaluation_reported_with_the_weights_it_scored(nan_run, workdir, smoke_data):  # noqa: F811
+    """The step-4 evaluation ran in the background: its val metrics are logged at step 4 with the scoring time, its
+    checkpoint records that val/AP, and re-scoring the checkpoint's weights in place gives the same AP (so the
+    checkpoint holds the evaluated weights, not a later step's)."""
+    from pipelines.inference import load_model
+    from pipelines.inference.evaluation import run_evaluation
+    from pipelines.training.checkpoint import METRICS_FILE, STATE_FILE, load_checkpoint
+
+    client, runs = _runs(workdir)
+    run_id = runs[0].info.run_id  # the failed run (before the re-run below continues it)
+    ap = {m.step: m.value for m in client.get_metric_history(run_id, names.VAL_AP)}
+    assert 4 in ap
+    assert 4 in {m.step for m in client.get_metric_history(run_id, names.VAL_SCORE_SECONDS)}
+    directory = sorted((workdir / "runs" / RUN_NAME).glob(f"checkpoint_*/{STATE_FILE}"))[0].parent
+    assert (directory / METRICS_FILE).exists()
+    state = load_checkpoint(directory)
+    assert state.step == 4 and state.metrics[names.VAL_AP] == pytest.approx(ap[4])
+    again = run_evaluation(load_model(str(directory)), smoke_data["val_shards"], batch_size=4)
+    assert again.metrics["AP"] == pytest.approx(ap[4], abs=1e-6)
 
 
 def test_rerun_resumes_the_same_run_from_its_checkpoint(nan_run, smoke_data, workdir):  # noqa: F811
