@@ -3,6 +3,7 @@ started on this machine with its dashboard on 127.0.0.1."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -24,6 +25,9 @@ def connect_ray(*, cpus_needed: float = 0.0, dashboard: bool = True, log_to_driv
     if os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False, log_to_driver=log_to_driver)
         return
+    # Ray 2.60 turns token authentication on for a new local cluster (the safe default, which we want) and warns
+    # that it did, on every start; nothing for the user to do, so that one logger is kept to errors.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2),
         include_dashboard=dashboard,
