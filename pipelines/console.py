@@ -16,13 +16,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines import names
 
 logger = logging.getLogger("retina")
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout (its Makefile's `ui` serves REPO/mlflow.db)
+
 # Library loggers that narrate their internals at INFO; a person running a command wants our lines.
-CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "botocore", "filelock")
+CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "botocore", "filelock",
+                  "optuna")  # fmt: skip
 
 
 _verbose = False
@@ -42,8 +46,8 @@ def setup(verbose: bool = False) -> None:
 
 
 def quiet_libraries() -> None:
-    """The chatty libraries' loggers at WARNING (INFO with --verbose). Call again after importing Ray Data: it
-    sets its own levels when first used."""
+    """The chatty libraries' loggers at WARNING (INFO with --verbose). Call again after importing Ray Data or
+    Optuna: they set their own levels when first used."""
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
 
@@ -51,6 +55,20 @@ def quiet_libraries() -> None:
 def is_verbose() -> bool:
     """Whether the command was asked for Ray's own output too (--verbose): the workers' logs reach the driver."""
     return _verbose
+
+
+def mlflow_ui(tracking_uri: str, experiment_id: str = "", run_id: str = "") -> str:
+    """How to look at a run in the MLflow UI: the page itself for a tracking server, else the command that serves
+    the store (``make ui`` for the checkout's own mlflow.db, which is what it serves) and the run's page."""
+    page = f"/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/") + page
+    local = f"http://127.0.0.1:5000{page}"
+    if tracking_uri == f"sqlite:///{REPO / 'mlflow.db'}" and (REPO / "Makefile").exists():
+        return f"make ui (in {REPO}), then {local}"
+    if tracking_uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then {local}"
+    return tracking_uri
 
 
 def duration(seconds: float) -> str:

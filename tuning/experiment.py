@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from cluster import s3
 from cluster.storage import absolute, storage_location
-from pipelines import names
+from pipelines import console, names
 from pipelines.tracking import store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.checkpoint import model_from_state
@@ -33,7 +33,8 @@ from pipelines.training.trainer import read_checkpoint
 from retina.config import flatten, to_dict
 from tuning import results as res
 from tuning.config import SearchConfig
-from tuning.space import METRIC, Dimension, build_searcher, grid_size, grid_space, searched
+from tuning.console import TrialLines, configure, shown_names, tune_output
+from tuning.space import DIMENSIONS, METRIC, Dimension, build_searcher, grid_size, grid_space, searched
 from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, run_trial
 
 logger = logging.getLogger("retina.tune")
@@ -57,6 +58,8 @@ class SearchOutcome:
     resumed: bool
     seconds: float
     paper_table: str = ""  # a grid over one or two hyperparameters: the paper's layout (tuning.results)
+    experiment: str = ""  # the MLflow experiment of the parent run
+    experiment_id: str = ""
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -164,6 +167,22 @@ def register_best(
     return logged, val_ap
 
 
+def base_values(cfg: SearchConfig) -> dict[str, float]:
+    """Each hyperparameter's value in the search's config (what a trial that does not search it trains with)."""
+    values = {}
+    for d in DIMENSIONS:
+        node: Any = cfg
+        for key in d.target:
+            node = getattr(node, key)
+        values[d.name] = float(node)
+    return values
+
+
+def trial_lines(cfg: SearchConfig, experiment_display: str) -> TrialLines:
+    """The console's line per ended trial: γ, α, π (searched or not) and whatever else is searched."""
+    return TrialLines(shown_names(searched(cfg.tuning)), base_values(cfg), experiment_display)
+
+
 def paper_dims(cfg: SearchConfig) -> list[Dimension] | None:
     """The searched dimensions when the search is a grid the paper's table can show (one or two), else None."""
     dims = searched(cfg.tuning)
@@ -201,6 +220,7 @@ def _log_results(
 def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: str | None = None) -> SearchOutcome:
     """The whole search: checks, parent MLflow run, Tune (new or restored), table, registration, champion."""
     started = time.time()
+    console.quiet_libraries()  # Optuna (imported with tuning.space) set its logger to INFO: "A new study created"
     cfg, labels = prepare_run(with_search_defaults(cfg))
     t = cfg.tuning
     storage, filesystem, display = storage_location(t.storage_path)
@@ -225,18 +245,22 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
                                        storage_filesystem=filesystem)  # fmt: skip
         else:
             tuner = _new_tuner(cfg, trainable, storage, filesystem, parent_id, tracking_uri)
-        tuner.fit()
+        configure(tuner, trial_lines(cfg, experiment_display), console.is_verbose())
+        with tune_output(console.is_verbose()):
+            tuner.fit()
         client = MlflowClient(tracking_uri)
         rows = res.with_initial_losses(res.collect(experiment_path, filesystem), client, parent_id)
-        table = res.format_table(rows, searched(t))
+        table = res.format_table(res.by_ap(rows), searched(t))
         dims = paper_dims(cfg)
         paper = res.format_paper_table(rows, dims) if dims and rows else ""
         _log_results(client, parent_id, rows, cfg, table, paper)
         best = res.best_row(rows)
         best_run_id, model, champion = _register_best_trial(cfg, best, parent_id, tracking_uri, filesystem)
         status.status = "FINISHED" if best is not None else "FAILED"
+        experiment_id = client.get_run(parent_id).info.experiment_id
     return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, best, best_run_id, model, champion,
-                         resumed or parent_resumed, time.time() - started, paper)  # fmt: skip
+                         resumed or parent_resumed, time.time() - started, paper, cfg.tracking.experiment,
+                         experiment_id)  # fmt: skip
 
 
 def _register_best_trial(
@@ -306,22 +330,34 @@ def _new_tuner(
 
 
 def summary(outcome: SearchOutcome) -> str:
+    """What the command prints at the end: every trial, best val/AP first, then the best trial, its registered
+    model and where to look (the MLflow parent run, the Tune folder to resume from)."""
     lines = [
-        f"search done in {outcome.seconds:.0f} s{' (resumed)' if outcome.resumed else ''}: {len(outcome.rows)} trials",
+        f"search done in {console.duration(outcome.seconds)}{' (resumed)' if outcome.resumed else ''}: "
+        f"{len(outcome.rows)} trials, {res.state_counts(outcome.rows) or 'none ran'}",
         "",
         outcome.table,
         "",
         *([outcome.paper_table, ""] if outcome.paper_table else []),
-        f"  search folder (restore): {outcome.experiment_path}",
-        f"  MLflow parent run:       {outcome.parent_run_id} in {outcome.tracking_uri}",
     ]
     if outcome.best is not None:
         b = outcome.best
         params = " ".join(f"{k}={v:.4g}" for k, v in b.params.items())
-        lines.append(f"  best trial:              {b.name} ({params}) {METRIC}={b.best_ap:.4f}")
+        ap50 = "" if b.ap50 is None else f" AP50={b.ap50:.4f}"
+        lines.append(f"  best trial:              {b.name} ({params}) {METRIC}={b.best_ap:.4f}{ap50}")
+    else:
+        lines.append("  best trial:              none (no trial evaluated without failing)")
     if outcome.model is not None:
         lines.append(f"  registered:              {outcome.model.registered_name} v{outcome.model.version} "
                      f"({outcome.model.model_uri})")  # fmt: skip
     if outcome.champion is not None:
         lines.append(f"  champion:                {outcome.champion.summary()}")
+    where = f" in experiment '{outcome.experiment}'" if outcome.experiment else ""
+    ui = console.mlflow_ui(outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id)
+    lines += [
+        f"  MLflow parent run:       {outcome.parent_run_id}{where} at {outcome.tracking_uri} "
+        "(one child run per trial)",
+        f"  MLflow UI:               {ui}",
+        f"  search folder (restore): {outcome.experiment_path}",
+    ]
     return "\n".join(lines)

@@ -72,14 +72,26 @@ def _status(trial: Any) -> str:
     return str(trial.status).lower()
 
 
-def _error_line(trial: Any) -> str:
-    """The exception's last line without the module path: "NonFiniteLossError: non-finite loss at step 0: ..."."""
-    err = trial.get_error()
-    lines = str(err).strip().splitlines() if err else []
+def error_line(text: str) -> str:
+    """A trial's error text (Tune's error.txt, a traceback) → its exception's last line without the module path:
+    "NonFiniteLossError: non-finite loss at step 0: ..."."""
+    lines = str(text).strip().splitlines()
     if not lines:
         return "error"
     kind, sep, message = lines[-1].partition(": ")
     return (kind.rsplit(".", 1)[-1] + sep + message)[:300]
+
+
+def error_kind(error: str) -> str:
+    """The exception class of an `error_line`: "NonFiniteLossError: non-finite loss ..." → "NonFiniteLossError"
+    (a line that names no class, e.g. a lost actor's sentence, is shortened instead)."""
+    kind = error.partition(": ")[0]
+    return kind if kind.isidentifier() else _short(kind or "error", 40)
+
+
+def _error_line(trial: Any) -> str:
+    err = trial.get_error()
+    return error_line(str(err)) if err else "error"
 
 
 def _evaluations(df: Any) -> dict[str, Any]:
@@ -143,18 +155,43 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def end_state(r: TrialRow) -> str:
+    """How a trial ended, in words a person reads: completed | stopped early (ASHA) | diverged | failed (<error
+    class>); pending/running for the trials of an interrupted search. ASHA is the only thing that stops a trial
+    before its last step here (no Tune stoppers), so "stopped" is always its decision."""
+    if r.status == "stopped":
+        return "stopped early (ASHA)"
+    if r.status == "failed":
+        return "diverged" if r.diverged else f"failed ({error_kind(r.error)})"
+    return r.status
+
+
+def state_counts(rows: list[TrialRow]) -> str:
+    """Trials per end state, e.g. "2 completed, 1 stopped early (ASHA), 1 diverged" (first seen first)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        state = end_state(r)
+        counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in counts.items())
+
+
+def by_ap(rows: list[TrialRow]) -> list[TrialRow]:
+    """Best val/AP first; trials that never evaluated last (each group in creation order)."""
+    return sorted(rows, key=lambda r: (r.best_ap is None, -(r.best_ap or 0.0)))
+
+
 def table_rows(rows: list[TrialRow], dims: list[Dimension]) -> tuple[list[str], list[list[str]]]:
-    header = ["trial", *[d.name for d in dims], METRIC + " (best)", "epochs", "status"]
+    header = ["trial", *[d.name for d in dims], METRIC, "AP50", "epochs", "status"]
     body = []
     for r in rows:
-        ap = "-" if r.best_ap is None else f"{r.best_ap:.4f}"
-        status = r.status + (f" ({_short(r.error)})" if r.error else "")
-        body.append([r.name, *[_fmt(r.params.get(d.name)) for d in dims], ap, str(r.epochs), status])
+        ap, ap50 = ("-" if v is None else f"{v:.4f}" for v in (r.best_ap, r.ap50))
+        body.append([r.name, *[_fmt(r.params.get(d.name)) for d in dims], ap, ap50, str(r.epochs), end_state(r)])
     return header, body
 
 
 def format_table(rows: list[TrialRow], dims: list[Dimension]) -> str:
-    """A fixed-width text table, one line per trial."""
+    """A fixed-width text table, one line per trial in the order given (`by_ap` for the best first); AP and AP50
+    of each trial's best evaluation."""
     header, body = table_rows(rows, dims)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header) - 1)]
     lines = []

@@ -17,6 +17,10 @@ Running the same command again restores it there: finished trials are kept, inte
 their Train checkpoints), failed ones stay failed unless --resume-errored. The restored search keeps its
 original settings (num_samples, searcher, scheduler).
 
+Console: one line per trial as it ends (its γ, α, π, best val/AP and AP50, and how it ended: completed, stopped
+early by ASHA, diverged, failed with its error class), then every trial in a table, best val/AP first, the best
+trial and where the MLflow runs are. Ray Tune's own status table and per-result output only with --verbose.
+
 MLflow: one parent run per search, one nested child run per trial (params gamma/alpha/prior, its metrics); the
 parent gets the results table (CSV) and a plot of val/AP against each hyperparameter. The best trial's model is
 registered (tracking.registered_model_name); tracking.alias (e.g. champion) moves to it only if it beats the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -107,6 +108,32 @@ def _run(cmd: list[str], tmp_path: Path, env: dict, timeout: int) -> subprocess.
     return proc
 
 
+# The console's line for a trial that ran to its end (tuning/console.py): its γ, α, π, best val/AP and AP50.
+TRIAL_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d (trial_00\d_\w+)  completed +gamma=(\S+) alpha=(\S+) prior=(\S+)  "
+    r"val/AP (\d\.\d{4})  AP50 \d\.\d{4}",
+    re.M,
+)
+
+
+def _check_console(stdout: str, stderr: str) -> None:
+    """What the command shows without --verbose: one line per trial as it ends, the final table best val/AP
+    first, the best trial and the MLflow parent run; none of Ray Tune's own status tables or result dicts."""
+    lines = TRIAL_LINE.findall(stderr)
+    assert sorted((name[:9], gamma, alpha) for name, gamma, alpha, _, _ in lines) == [
+        ("trial_000", "0", "0.25"), ("trial_001", "2", "0.25")
+    ], stderr[-3000:]  # fmt: skip
+    assert all(float(prior) > 0 for *_, prior, _ in lines)
+    header = next(i for i, line in enumerate(stdout.splitlines()) if line.split()[:2] == ["trial", "gamma"])
+    table = stdout.splitlines()[header + 2 : header + 4]
+    aps = [float(line.split()[3]) for line in table]
+    assert aps == sorted(aps, reverse=True) and {line.split()[0] for line in table} == {n for n, *_ in lines}
+    assert {float(ap) for *_, ap in lines} == set(aps)  # the lines and the table agree
+    assert "best trial:" in stdout and "MLflow parent run:" in stdout and "MLflow UI:" in stdout
+    for tune_output in ("Trial status", "== Status ==", "Configuration for experiment", "Trial trial_00"):
+        assert tune_output not in stdout + stderr, tune_output
+
+
 @pytest.mark.slow
 def test_study_preset_runs_two_trials_and_its_model_gets_a_loss_analysis(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -117,6 +144,7 @@ def test_study_preset_runs_two_trials_and_its_model_gets_a_loss_analysis(ray_loc
     proc = _run([sys.executable, str(REPO / "tuning" / "search.py"), "--config", STUDY, *overrides], tmp_path, env,
                 timeout=900)  # fmt: skip
     assert "gamma \\ alpha" in proc.stdout and "alpha=0.25" in proc.stdout, proc.stdout[-3000:]
+    _check_console(proc.stdout, proc.stderr)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [parent] = client.search_runs(

@@ -26,10 +26,10 @@ ROWS = [
 def test_table_csv_and_plot(tmp_path):
     text = res.format_table(ROWS, DIMS)
     lines = text.splitlines()
-    assert lines[0].split() == ["trial", "gamma", "alpha", "prior", "val/AP", "(best)", "epochs", "status"]
-    assert lines[2].split()[:7] == ["trial_000_aa", "2.0000", "0.2500", "0.0100", "0.3100", "4", "completed"]
-    assert "stopped" in lines[3] and "failed (NonFiniteLossError" in lines[4]
-    assert lines[4].split()[4] == "-"  # never evaluated
+    assert lines[0].split() == ["trial", "gamma", "alpha", "prior", "val/AP", "AP50", "epochs", "status"]
+    assert lines[2].split() == ["trial_000_aa", "2.0000", "0.2500", "0.0100", "0.3100", "-", "4", "completed"]
+    assert lines[3].endswith("stopped early (ASHA)") and lines[4].endswith("  diverged")
+    assert lines[4].split()[4:6] == ["-", "-"]  # never evaluated
 
     path = res.write_csv(ROWS, DIMS, tmp_path / "results.csv")
     with path.open() as f:
@@ -44,6 +44,22 @@ def test_table_csv_and_plot(tmp_path):
     assert axes[2].get_xscale() == "log"
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_end_states_counts_and_order_by_ap():
+    crashed = res.TrialRow("trial_003_dd", "dd", {"gamma": 1.0}, None, 0, "failed", "RayActorError: node died", [])
+    lost = res.TrialRow("trial_004_ee", "ee", {}, None, 0, "failed", "The actor died unexpectedly before it ran.", [])
+    rows = [*ROWS, crashed, lost]
+    assert [res.end_state(r) for r in rows] == [
+        "completed", "stopped early (ASHA)", "diverged", "failed (RayActorError)",
+        "failed (The actor died unexpectedly before it...)",  # no class named: shortened
+    ]  # fmt: skip
+    assert res.state_counts([*ROWS, ROWS[0]]) == "2 completed, 1 stopped early (ASHA), 1 diverged"
+    evaluated_late = res.TrialRow("trial_005_ff", "ff", {}, 0.5, 1, "stopped", "", [])
+    assert [r.trial_id for r in res.by_ap([*rows, evaluated_late])] == ["ff", "aa", "bb", "cc", "dd", "ee"]
+    assert res.error_line("Failure # 1\nTraceback ...\npipelines.training.run.NonFiniteLossError: loss=nan") == (
+        "NonFiniteLossError: loss=nan"
+    )
 
 
 def test_best_row_ignores_failed_and_unevaluated_trials():

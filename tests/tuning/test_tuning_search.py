@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import names
 from pipelines.training.faults import ENV as FAULTS_ENV
+from tuning import results as res
 from tuning.config import load_search_config
 from tuning.experiment import run_search
 
@@ -55,13 +58,17 @@ def _overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+# The console's line for an ended trial (tuning/console.py): its name and how it ended, then its hyperparameters.
+TRIAL_LINE = re.compile(r"(trial_\d{3}_\w+)  (.+?) +gamma=\S+ alpha=\S+ prior=\S+  val/AP ")
+
+
 def _finished_trials(experiment: Path) -> int:
     states = sorted(experiment.glob("experiment_state-*.json"))
     return states[-1].read_text().count('\\"status\\": \\"TERMINATED\\"') if states else 0
 
 
 @pytest.mark.slow
-def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path, monkeypatch):
+def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path, monkeypatch, caplog, capsys):
     overrides = _overrides(tmp_path)
     experiment = tmp_path / "runs" / NAME
     log = (tmp_path / "driver.log").open("w")
@@ -84,6 +91,7 @@ def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path, 
 
     cfg = load_search_config(SMOKE, overrides)
     monkeypatch.setenv(FAULTS_ENV, FAULTS)  # this process is the resumed search's driver
+    caplog.set_level(logging.INFO, logger="retina.tune")
     outcome = run_search(cfg)  # same name and storage: restores the killed search
 
     # the search is complete; the finished trial was kept, not run again
@@ -96,6 +104,16 @@ def test_search_with_failed_trial_killed_driver_and_resume(ray_local, tmp_path, 
     assert rows["001"].status == "failed" and "NonFiniteLossError" in rows["001"].error
     assert rows["002"].status in ("completed", "stopped") and rows["002"].best_ap is not None
     assert outcome.best is not None and outcome.best.name in (rows["000"].name, rows["002"].name)
+
+    # the console: a line per trial as it ended, in whichever driver it ended (the restored search too), saying
+    # how it ended; none of Tune's own tables (quiet by default in both drivers)
+    first_driver = (tmp_path / "driver.log").read_text()
+    ended = TRIAL_LINE.findall(first_driver) + TRIAL_LINE.findall(caplog.text)
+    last_state = {name: state.strip() for name, state in ended}
+    assert last_state == {r.name: res.end_state(r) for r in outcome.rows}, (first_driver[-3000:], caplog.text)
+    assert last_state[rows["001"].name] == "diverged"
+    for tune_table in ("Trial status", "== Status ==", "Configuration for experiment"):
+        assert tune_table not in first_driver + capsys.readouterr().out, tune_table
 
     # MLflow: a parent run with one nested child per trial
     client = MlflowClient(outcome.tracking_uri)
