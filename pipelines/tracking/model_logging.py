@@ -9,21 +9,32 @@ the weights. The `retina` package is copied in (``code_paths``), so loading need
 Beside the pickled module travel the weights alone (``weights.pt``, a state dict) and ``config.json``:
 `pipelines.inference.load_model` rebuilds the detector from those with ``weights_only=True``, so a team can load a
 model without trusting a pickle.
+
+The model's signature and input example describe that loading path: one RGB image in, as an (H, W, 3) uint8 array,
+and per image ``boxes``, ``scores``, ``labels``, ``category_ids`` and ``names`` out (`Detector.predict`). MLflow's
+generic pyfunc path cannot run this detector (the PyTorch flavor's wrapper feeds the model one tensor and expects one
+tensor back, the detector takes a list of images and returns detections per image); the model's description says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pytorch
+import numpy as np
 import torch
 import torchvision
+from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 import retina
 from pipelines.names import LOGGED_WEIGHTS_FILE, VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
@@ -55,6 +66,48 @@ def _requirements() -> list[str]:
     ]
 
 
+def signature() -> ModelSignature:
+    """What `pipelines.inference`'s ``Detector.predict`` takes and returns per image, as MLflow records it: an RGB
+    image (H, W, 3) uint8 → boxes (N, 4) x1, y1, x2, y2 in its pixels, scores (N,) descending, contiguous labels,
+    COCO category ids and class names. (The outputs are what ``mlflow.models.infer_signature`` makes of a real
+    detection; tests/pipelines/test_predict.py checks that they stay so.)"""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
+        outputs=Schema([
+            ColSpec(Array(Array("float")), "boxes"),
+            ColSpec(Array("float"), "scores"),
+            ColSpec(Array("long"), "labels"),
+            ColSpec(Array("long"), "category_ids"),
+            ColSpec(Array("string"), "names"),
+        ]),
+    )  # fmt: skip
+
+
+def input_example() -> np.ndarray:
+    """A small mid-grey RGB image, (16, 24, 3) uint8: the input's form (any size works; the model resizes it)."""
+    return np.full((16, 24, 3), 114, dtype=np.uint8)
+
+
+class _NoServingCheckWarning(logging.Filter):
+    """Drops MLflow's warning that the input example failed its serving check. MLflow checks an input example by
+    running it through the pyfunc path, which cannot run this detector by design (the description says so and
+    points at `load_model`); the warning would read as a failure of the logging."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to validate serving input example")
+
+
+@contextmanager
+def _without_serving_check_warning() -> Iterator[None]:
+    check = logging.getLogger("mlflow.models.model")  # where Model.log reports the failed check
+    quiet = _NoServingCheckWarning()
+    check.addFilter(quiet)
+    try:
+        yield
+    finally:
+        check.removeFilter(quiet)
+
+
 def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: float, uri: str) -> str:
     """The model version's page in words (markdown): what it is, what it was trained on, how to load it, and what
     its labels mean."""
@@ -71,7 +124,15 @@ def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: fl
         "Load it (needs this repository's packages; the tracking URI must point at this MLflow store):",
         f"`from pipelines.inference import load_model; detector = load_model('{uri}')`, then "
         "`detector.predict(['photo.jpg'])` → per image `boxes` (x1, y1, x2, y2 pixels), `scores`, `labels`, "
-        "`category_ids` (COCO ids) and `names`.",
+        "`category_ids` (COCO ids) and `names`. It rebuilds the detector from `extra_files/weights.pt` and "
+        "`config.json` without unpickling anything.",
+        "",
+        "The signature and input example describe that call for one image: in, an RGB image as an (H, W, 3) uint8 "
+        "array (`predict` also takes file paths, PIL images and (3, H, W) 0..1 tensors); out, `boxes`, `scores`, "
+        "`labels`, `category_ids` and `names`. MLflow's generic pyfunc path (`mlflow.pyfunc.load_model`, "
+        "`mlflow models serve`) cannot run this detector: the PyTorch flavor's wrapper feeds the model one "
+        "tensor and expects one tensor back, the detector takes a list of images and returns detections per image.",
+        "",
         f"Or `mlflow.pytorch.load_model('{uri}')`: a pickled `retina.model.RetinaNet` (load it only from a "
         "registry you trust); it returns contiguous labels 0..K-1, which map to COCO ids and names through its "
         "`label_map` attribute and `extra_files/label_map.json`:",
@@ -106,7 +167,7 @@ def log_and_register(
         weights_file = Path(tmp) / LOGGED_WEIGHTS_FILE
         torch.save(model.state_dict(), weights_file)
         # start_run on an existing id attaches (the run's final status is set by the caller afterwards).
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _without_serving_check_warning():
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
@@ -116,6 +177,9 @@ def log_and_register(
                 code_paths=[str(Path(retina.__file__).parent)],
                 extra_files=[str(label_file), str(config_file), str(weights_file)],
                 pip_requirements=_requirements(),
+                # given, not inferred: inferring runs the example through pyfunc, which cannot run the detector
+                signature=signature(),
+                input_example=input_example(),
                 registered_model_name=registered_model_name,
                 metadata={"val_AP": val_ap, "label_map": label_map},
             )

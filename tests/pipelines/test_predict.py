@@ -331,3 +331,38 @@ def test_registered_model_loads_without_unpickling_and_matches_the_checkpoint(tr
         assert got["names"] == list(want["names"]) and got["category_ids"] == want["category_ids"].tolist()
         np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
         np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+
+
+def test_logged_model_signature_and_input_example_describe_load_model(trained, tmp_path):
+    """The registered model's MLmodel carries a signature and an input example, and they describe what
+    `pipelines.inference.load_model` takes and returns: the example goes through `Detector.predict`, and MLflow infers
+    the logged output schema from a real detection. The description says how to load it and that MLflow's pyfunc
+    path cannot run it, which stays true."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model, infer_signature
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.inference import load_model
+
+    uri = f"models:/{MODEL_NAME}/{trained.outcome.model.version}"
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None and info.saved_input_example_info["type"] == "ndarray"
+    [image_spec] = info.signature.inputs.inputs
+    assert (image_spec.type, image_spec.shape) == (np.dtype(np.uint8), (-1, -1, 3))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
+    example = Model.load(local).load_input_example(local)
+    assert example.dtype == np.uint8 and example.ndim == 3 and example.shape[2] == 3
+
+    detector = load_model(uri, tracking_uri=trained.tracking_uri)
+    [from_example] = detector.predict(example)
+    assert set(from_example) == set(info.signature.outputs.input_names())
+    [det] = detector.predict(sorted(trained.images.glob("*.jpg"))[:1])
+    assert len(det["scores"]) > 0  # a score threshold of 0: the schema is inferred from real detections
+    assert infer_signature(example, det).outputs == info.signature.outputs
+
+    description = MlflowClient(trained.tracking_uri).get_model_version(MODEL_NAME, trained.outcome.model.version)
+    assert f"load_model('{uri}')" in description.description and "mlflow.pyfunc" in description.description
+    with pytest.raises(ValueError, match=r"expected a \(3, H, W\) tensor"):  # the pyfunc path, as described
+        mlflow.pyfunc.load_model(local).predict(example)
