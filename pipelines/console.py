@@ -45,11 +45,18 @@ def setup(verbose: bool = False) -> None:
     quiet_libraries()
 
 
+# Warnings that describe a choice this project made on purpose, with nothing for the user to do: kept to errors.
+# Ray Data: "Progress bars disabled" (the commands turn them off: per-operator bars drown the progress lines).
+EXPECTED_WARNINGS = ("ray.data._internal.progress",)
+
+
 def quiet_libraries() -> None:
     """The chatty libraries' loggers at WARNING (INFO with --verbose). Call again after importing Ray Data or
     Optuna: they set their own levels when first used."""
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
+    for name in EXPECTED_WARNINGS:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.ERROR)
 
 
 def is_verbose() -> bool:

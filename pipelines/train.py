@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines import cli
+from pipelines import cli, console
 from pipelines.config import load_config
 
 if TYPE_CHECKING:
@@ -47,14 +46,7 @@ def summary(outcome: TrainOutcome) -> str:
         uri = outcome.model.alias_uri or f"models:/{outcome.model.registered_name}/{outcome.model.version}"
         lines.append(f"  load it with:             from pipelines.inference import load_model; "
                      f"load_model('{uri}', tracking_uri='{outcome.tracking_uri}')")  # fmt: skip
-    if outcome.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
-        lines.append("  MLflow UI:                make ui, then http://127.0.0.1:5000")
-    elif outcome.tracking_uri.startswith("sqlite:///"):
-        lines.append(
-            f"  MLflow UI:                mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1"
-        )
-    else:
-        lines.append(f"  MLflow UI:                {outcome.tracking_uri}")
+    lines.append(f"  MLflow UI:                {console.mlflow_ui(outcome.tracking_uri)}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ tensor back, the detector takes a list of images and returns detections per imag
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
@@ -35,6 +36,7 @@ import torchvision
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
+from mlflow.utils import logging_utils
 
 import retina
 from pipelines.names import LOGGED_WEIGHTS_FILE, VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
@@ -88,24 +90,43 @@ def input_example() -> np.ndarray:
     return np.full((16, 24, 3), 114, dtype=np.uint8)
 
 
-class _NoServingCheckWarning(logging.Filter):
-    """Drops MLflow's warning that the input example failed its serving check. MLflow checks an input example by
-    running it through the pyfunc path, which cannot run this detector by design (the description says so and
-    points at `load_model`); the warning would read as a failure of the logging."""
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to validate serving input example")
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Where MLflow says something at logging time that is not for the user to act on:
+_EXPECTED_NOTICES = {
+    # the input example's serving check runs it through the pyfunc path, which cannot run this detector by design
+    # (the description says so and points at `load_model`); the warning would read as a failure of the logging
+    "mlflow.models.model": ("Failed to validate serving input example",),
+    # the pickle flavor is a deliberate choice (see log_and_register) next to the weights-only files that
+    # `load_model` uses; the warning recommends pt2, which cannot express detection outputs
+    "mlflow.pytorch": ("Saving pytorch model by Pickle",),
+}
 
 
 @contextmanager
-def _without_serving_check_warning() -> Iterator[None]:
-    check = logging.getLogger("mlflow.models.model")  # where Model.log reports the failed check
-    quiet = _NoServingCheckWarning()
-    check.addFilter(quiet)
+def _without_expected_notices() -> Iterator[None]:
+    """MLflow's expected warnings filtered, and its registration prints ("Successfully registered model",
+    "Created version") kept off the console: the training command prints the registered version itself."""
+    filters = {name: _DropMessages(*prefixes) for name, prefixes in _EXPECTED_NOTICES.items()}
+    for name, f in filters.items():
+        logging.getLogger(name).addFilter(f)
+    printed = logging_utils.MLFLOW_LOGGING_STREAM  # eprint() writes there at call time, not through logging
+    logging_utils.MLFLOW_LOGGING_STREAM = io.StringIO()
     try:
         yield
     finally:
-        check.removeFilter(quiet)
+        logging_utils.MLFLOW_LOGGING_STREAM = printed
+        for name, f in filters.items():
+            logging.getLogger(name).removeFilter(f)
 
 
 def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: float, uri: str) -> str:
@@ -167,7 +188,7 @@ def log_and_register(
         weights_file = Path(tmp) / LOGGED_WEIGHTS_FILE
         torch.save(model.state_dict(), weights_file)
         # start_run on an existing id attaches (the run's final status is set by the caller afterwards).
-        with mlflow.start_run(run_id=run_id), _without_serving_check_warning():
+        with mlflow.start_run(run_id=run_id), _without_expected_notices():
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
