@@ -69,15 +69,19 @@ def analyse(tracking_uri: str, name: str) -> dict[str, float]:
     plain = [s for s, crosses, ev in windows if not crosses and not ev]
     boundary = [s for s, crosses, ev in windows if crosses and not ev]
     median = statistics.median(plain)
-    steady_rate = (steps[1] - steps[0]) * batch[steps[-1]] / median
-    epoch_rates = list(history(names.TRAIN_EPOCH_IMAGES_PER_S).values())
+    log_every = steps[1] - steps[0]
+    steady_rate = log_every * batch[steps[-1]] / median
+    extra = statistics.mean(boundary) - median if boundary else 0.0
+    # an epoch's images/s: its steps at the steady rate plus what its boundary adds
+    epoch_steps = steps[-1] / max(epochs.values())
+    steady_epoch_s = epoch_steps / log_every * median
     return {
         "time to first step (s)": history(names.STARTUP_FIRST_STEP_S).get(0, float("nan")),
         "loss kernels compiled at start (s)": history(names.STARTUP_COMPILE_S).get(0, 0.0),
         "median log window (s)": median,
-        "extra per epoch boundary (s)": statistics.mean(boundary) - median if boundary else 0.0,
+        "extra per epoch boundary (s)": extra,
         "steady images/s": steady_rate,
-        "epoch images/s (mean)": statistics.mean(epoch_rates) if epoch_rates else float("nan"),
+        "epoch images/s (steady + boundary)": steady_rate * steady_epoch_s / (steady_epoch_s + extra),
         "training stall per evaluation (s)": statistics.mean(history(names.VAL_SECONDS).values()),
         "COCOeval per evaluation (s)": statistics.mean(history(names.VAL_SCORE_SECONDS).values() or [0.0]),
         "checkpoint stall (s)": statistics.mean(history(names.CHECKPOINT_SECONDS).values()),
