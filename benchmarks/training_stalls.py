@@ -7,7 +7,7 @@ cold Inductor cache (as on a fresh machine):
 - "one after the other": data.stream_epochs=false (a new Ray Data execution per epoch),
   train.background_eval=false (COCOeval on rank 0 while the ranks wait), train.overlap_startup=false;
 - "overlapped": the defaults (one execution streams every epoch, COCOeval in a background Ray task, the first
-  batch fetched while the loss kernels compile).
+  batch fetched while DDP is set up).
 Then it reads both MLflow runs and prints, side by side with ratios: the time from the run's start to its first
 optimizer step (startup/first_step_s), the extra time of a log window that crosses an epoch boundary (against
 the median window), the steady and per-epoch images/s, the training stall per evaluation (val/seconds), the
@@ -77,7 +77,6 @@ def analyse(tracking_uri: str, name: str) -> dict[str, float]:
     steady_epoch_s = epoch_steps / log_every * median
     return {
         "time to first step (s)": history(names.STARTUP_FIRST_STEP_S).get(0, float("nan")),
-        "loss kernels compiled at start (s)": history(names.STARTUP_COMPILE_S).get(0, 0.0),
         "median log window (s)": median,
         "extra per epoch boundary (s)": extra,
         "steady images/s": steady_rate,

@@ -28,7 +28,6 @@ TRAIN_GLOBAL_BATCH = "train/global_batch"  # images per optimizer step now: per-
 # prior π sets (the paper's §3.3: with π = 0.5 the background anchors swamp it). Not logged again on resume.
 TRAIN_INITIAL_LOSS = "train/initial_loss"
 STARTUP_FIRST_STEP_S = "startup/first_step_s"  # the run's start on the driver → its first optimizer step done
-STARTUP_COMPILE_S = "startup/compile_s"  # compiling the loss kernels at each (re)start, while the data starts
 CHECKPOINT_SECONDS = "checkpoint/seconds"  # how long the ranks waited for rank 0 to write (and, sync, upload) it
 # Every checkpoint's score for Ray's retention: val/AP for an evaluated checkpoint, -1 for a step checkpoint (so
 # Ray keeps the best evaluated ones plus the latest, and never scores a checkpoint by a missing key).

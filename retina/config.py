@@ -161,8 +161,8 @@ class TrainConfig:
     # checkpoint are reported when it is done (pipelines/training/background_eval.py). false: the ranks wait
     background_eval: bool = True
     eval_task_cpus: float = 0.0  # CPUs the scoring task reserves (0: it shares the cores the workers hold)
-    # start the data pipeline and compile the loss kernels before the first batch is needed, side by side; false:
-    # one after the other (benchmarks/training_stalls.py measures both)
+    # fetch the first batch in a thread while the model is wrapped in DDP and restored; false: one after the
+    # other (benchmarks/training_stalls.py measures both)
     overlap_startup: bool = True
 
 

@@ -1,6 +1,7 @@
 """The per-worker training loop that Ray Train runs on every DDP worker (`train_func`).
 
-Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → open this rank's
+Reads top to bottom: build the model and its optimizer → restore the latest checkpoint (the first batch is
+already being fetched) → open this rank's
 stream of batches (every epoch of the run in one Ray Data execution, so no epoch starts with an empty pipeline)
 → for each epoch: train one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes``
 say so, or a node is about to be preempted), then evaluate, checkpoint and report when due (every
@@ -56,7 +57,6 @@ from pipelines.training.step import (
     apply_update,
     autocast,
     forward_backward,
-    warm_up_loss,
 )
 from retina.config import to_dict
 from retina.data.coco import LabelMap
@@ -154,7 +154,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    # the data pipeline starts (decode workers, first tasks) while DDP is set up and the loss kernels compile
+    # the data pipeline starts (decode workers, first tasks) while the model is wrapped in DDP and restored
     batches = train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
     first = _Prefetched(batches) if cfg.train.overlap_startup else batches
     parts = TrainingParts.build(model, cfg.train, w.global_batch)
@@ -164,13 +164,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         progress.step, progress.epoch = state.step, state.epoch
         logger.info("rank %d: resumed from %s at step %d, epoch %d", w.rank, checkpoint.path, state.step, state.epoch)
         tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))
-    loss = cfg.model.loss
-    compile_s = 0.0
-    if cfg.train.overlap_startup:
-        compile_s = warm_up_loss(cfg.model.num_classes, cfg.train.amp, parts.device, loss.alpha, loss.gamma)
     # every (re)start logs the group it trains with: a run's history shows each resize
-    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch,
-                        names.STARTUP_COMPILE_S: compile_s}, progress.step)  # fmt: skip
+    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
 
     window = MetricWindow(parts.device, w.world, w.global_batch)
     stream = _look_ahead(first, parts.device, w)  # this rank's batches of every epoch in one Dataset execution

@@ -8,7 +8,6 @@ computes the loss and the gradients (and clips them), then every rank agrees on 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import ray.train.torch
@@ -38,24 +37,6 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     # bf16 needs no loss scaling (fp32's exponent range); fp16 pairs with the GradScaler.
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def warm_up_loss(num_classes: int, amp: str, device: torch.device, alpha: float, gamma: float) -> float:
-    """Compile the focal-loss kernel the first step will use, on dummy logits; returns the seconds it took.
-
-    On CPU the loss is an Inductor-compiled kernel: its first call traces and compiles (~15 s with a cold cache
-    on a 2-core machine, ~3 s warm), and the first step would pay it after its batch arrived. Called while the
-    first batch is still being decoded, the two overlap. The logits come in the autocast dtype (float32 without
-    train.amp): that is the one graph compiled here; a miss only means the first step compiles, as it would have."""
-    from retina.ops import sigmoid_focal_loss
-
-    start = time.perf_counter()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
-    logits = torch.zeros(2, 64, num_classes, device=device, dtype=dtype, requires_grad=True)  # (B, A, K)
-    # ignore (-2), background (-1) and every class; no RNG draw: training's random stream stays as it was
-    labels = (torch.arange(128, device=device) % (num_classes + 2) - 2).reshape(2, 64)
-    sigmoid_focal_loss(logits, labels, alpha=alpha, gamma=gamma, reduction="sum").backward()
-    return time.perf_counter() - start
 
 
 @dataclass

@@ -198,6 +198,10 @@ def test_environment_variable_selects_backend(monkeypatch):
     assert loss.grad_fn.name() != "FusedFocalLossBackward"
     assert torch.equal(loss, sigmoid_focal_loss_reference(logits, labels)) and calls == [1]
     assert resolve_backend("fused", torch.device("cpu")) == "compiled"
+    # auto on CPU: small logits run eager (a compile costs more than it saves there), large ones compiled
+    assert resolve_backend("auto", torch.device("cpu"), 26_400 * 5) == "eager"
+    assert resolve_backend("auto", torch.device("cpu"), 480_000 * 80) == "compiled"
+    assert resolve_backend("compiled", torch.device("cpu"), 10) == "compiled"  # asked for by name: compiled
     assert resolve_backend(None, torch.device("cpu")) == "reference"  # env var read per call
     monkeypatch.setenv("RETINA_FOCAL_LOSS", "bogus")
     with pytest.raises(ValueError, match="backend"):
