@@ -85,6 +85,9 @@ def trained(ray_local, smoke_data, mlflow_server, s3_server, tmp_path_factory): 
             # scored in place: the step-4 checkpoint is reported before the failure injected at step 5 (scored in
             # the background it would be reported a step or two later; tests/pipelines/test_background_eval.py)
             "train.background_eval=false",
+            # uploaded before report() returns: an asynchronous upload may still be running when step 5 fails, and
+            # Ray rightly never resumes from a checkpoint whose upload did not finish
+            "run.async_upload=false",
             f"tracking.tracking_uri={mlflow_server['uri']}",
             "tracking.experiment=retina-e2e",
             f"tracking.registered_model_name={MODEL_NAME}",
