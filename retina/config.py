@@ -161,9 +161,9 @@ class TrainConfig:
     # checkpoint are reported when it is done (pipelines/training/background_eval.py). false: the ranks wait
     background_eval: bool = True
     eval_task_cpus: float = 0.0  # CPUs the scoring task reserves (0: it shares the cores the workers hold)
-    # fetch the first batch in a thread while the model is wrapped in DDP and restored; false: one after the
-    # other (benchmarks/training_stalls.py measures both)
-    overlap_startup: bool = True
+    # fetch the first batch in a thread while the model is wrapped in DDP and restored. Off by default: on the
+    # 2-core machine it reached the first step 3-4 s later, not sooner (benchmarks/training_stalls.py, twice)
+    overlap_startup: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ loading
