@@ -85,6 +85,7 @@ def main() -> None:
     import ray
 
     from pipelines.training.background_eval import BackgroundEvaluator
+    from pipelines.training.evaluation import Predictions
     from retina import evaluation
 
     gt, image_ids, predictions = make_workload(args.images, args.classes, args.detections, args.seed)
@@ -107,7 +108,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     evaluator = BackgroundEvaluator(gt, coco_ids, backend=evaluation.DEFAULT_BACKEND)
     start = time.perf_counter()
-    evaluator.submit(step=1, image_ids=image_ids, predictions=predictions, extra=None)
+    evaluator.submit(step=1, predictions=Predictions(image_ids, predictions), extra=None)
     stall = time.perf_counter() - start
     finished = evaluator.wait()
     ready = time.perf_counter() - start

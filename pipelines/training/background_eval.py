@@ -54,12 +54,12 @@ class BackgroundEvaluator:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def submit(self, step: int, image_ids: list[int], predictions: list[dict], extra: Any, samples=()) -> None:
-        """Start scoring one evaluation's predictions (taken at `step`); `extra` comes back with the result."""
+    def submit(self, step: int, predictions: Predictions, extra: Any) -> None:
+        """Start scoring one evaluation's gathered predictions (taken at `step`); `extra` comes back with the
+        result."""
         if self._pending is not None:
             raise RuntimeError("an evaluation is already pending: wait() for it first")
-        gathered = Predictions(list(image_ids), list(predictions), list(samples))
-        ref = self._task.remote(self._gt, gathered, self._coco_ids, self._backend)
+        ref = self._task.remote(self._gt, predictions, self._coco_ids, self._backend)
         self._pending = (ref, step, extra)
 
     def ready(self) -> bool:

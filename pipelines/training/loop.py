@@ -1,9 +1,8 @@
 """The per-worker training loop that Ray Train runs on every DDP worker (`train_func`).
 
-Reads top to bottom: build the model and its optimizer → restore the latest checkpoint (the first batch is
-already being fetched) → open this rank's
-stream of batches (every epoch of the run in one Ray Data execution, so no epoch starts with an empty pipeline)
-→ for each epoch: train one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes``
+Reads top to bottom: build the model and its optimizer → restore the latest checkpoint → open this rank's stream
+of batches (every epoch of the run in one Ray Data execution, so no epoch starts with an empty pipeline) → for
+each epoch: train one epoch (with a step checkpoint whenever ``run.checkpoint_every_steps``/``_minutes``
 say so, or a node is about to be preempted), then evaluate, checkpoint and report when due (every
 ``train.eval_every_epochs`` and at the end).
 
@@ -51,13 +50,7 @@ from pipelines.training.evaluation import EvalResult, predict_split, score
 from pipelines.training.faults import Faults
 from pipelines.training.metrics import MetricWindow
 from pipelines.training.reporting import log_evaluation, report, write_checkpoint
-from pipelines.training.step import (
-    StepResult,
-    TrainingParts,
-    apply_update,
-    autocast,
-    forward_backward,
-)
+from pipelines.training.step import StepResult, TrainingParts, apply_update, autocast, forward_backward
 from retina.config import to_dict
 from retina.data.coco import LabelMap
 from retina.evaluation import DEFAULT_BACKEND
@@ -154,9 +147,12 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
     train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    # the data pipeline starts (decode workers, first tasks) while the model is wrapped in DDP and restored
-    batches = train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
-    first = _Prefetched(batches) if cfg.train.overlap_startup else batches
+
+    def train_batches() -> Any:  # one new execution of the train Dataset
+        return train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
+
+    # overlap_startup: the data pipeline starts (decode workers, first tasks) while the model is wrapped in DDP
+    first = _Prefetched(train_batches()) if cfg.train.overlap_startup else train_batches()
     parts = TrainingParts.build(model, cfg.train, w.global_batch)
     progress = Progress()
     if state is not None:
@@ -171,8 +167,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     stream = _look_ahead(first, parts.device, w)  # this rank's batches of every epoch in one Dataset execution
     while progress.step < cfg.train.max_steps:
         if stream is None:  # the first epoch, or the previous execution ran out of rows: a new execution
-            stream = _look_ahead(train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate,
-                                                               drop_last=True), parts.device, w)  # fmt: skip
+            stream = _look_ahead(train_batches(), parts.device, w)
         epoch_start, start_step = time.perf_counter(), progress.step
         diverged, out_of_data = train_one_epoch(parts, stream, w, progress, window)
         if diverged:
@@ -350,7 +345,7 @@ def evaluate_and_report(
     if w.cfg.train.background_eval and not final:
         if predictions is not None:  # rank 0: the checkpoint of the evaluated weights, written before they change
             directory = write_checkpoint(state)
-            w.evaluator.submit(progress.step, predictions.image_ids, predictions.predictions, (metrics, directory))
+            w.evaluator.submit(progress.step, predictions, (metrics, directory))
         progress.pending_eval = (progress.step, progress.epoch)
         w.tracker.log_metrics({names.VAL_SECONDS: time.perf_counter() - eval_start}, progress.step)
         return
