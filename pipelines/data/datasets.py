@@ -20,17 +20,32 @@ each image, reproducibly from `seed` (Ray's RandomSeedConfig / ``random()`` expr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import random as random_expr
 
-from pipelines.data.shards import read_shards
+from pipelines.data.shards import largest_shard_rows, read_shards
 from retina.data.coco import DataError
-from retina.data.collate import BatchCollator
 from retina.data.transforms import EvalTransform, TrainAugment, decode_image
+
+if TYPE_CHECKING:
+    from retina.data.collate import BatchCollator
+
+# Logical CPUs of the cluster per shard read in flight (each read reserves no CPU: see `read_shards`). Reading a
+# shard is ~1/50 of the CPU time of decoding it (a 512-row COCO shard: ~80 MB, under a second from S3; decoding it
+# at 800/1333: ~23 core-seconds), so one read per 32 CPUs keeps ahead of decoding with room to spare; the demo's
+# 4 get one, and a second read's extra worker process made its first step ~2 s later (measured).
+CPUS_PER_SHARD_READ = 32
+
+
+def shard_reads() -> int:
+    """Shard reads in flight for a Dataset built now: one per CPUS_PER_SHARD_READ logical CPUs of the cluster."""
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    return max(1, int(cpus // CPUS_PER_SHARD_READ))
+
 
 # Rows per train decode task, in batches. Per-task overhead (scheduling, one object-store block per task output,
 # the executor's bookkeeping) is paid per block: 8-row tasks ran at 85-90 img/s and 64-row tasks at 110-130 img/s
@@ -86,13 +101,16 @@ def _to_samples(
     }
 
 
-def _split_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """Blocks of at most `rows` rows, streamed (no barrier).
+def _split_blocks(ds: ray.data.Dataset, rows: int, largest_shard: int) -> ray.data.Dataset:
+    """Blocks of at most `rows` rows, streamed (no barrier); as read when no shard is larger.
 
     Ray 2.60 reads a Parquet file as one block (512 rows per shard by default), and map_batches never splits an
     input block across tasks: without this, one task decodes a whole shard while the other CPUs wait (measured:
-    one process doing all the decoding of a 300-image epoch, 47 img/s on 2 CPUs).
+    one process doing all the decoding of a 300-image epoch, 47 img/s on 2 CPUs). Shards no larger than a decode
+    task (the sample's 64 rows) skip the repartition stage: its tasks hold a CPU each, taken from decoding.
     """
+    if 0 < largest_shard <= rows:
+        return ds
     return ds.repartition(target_num_rows_per_block=rows)
 
 
@@ -134,16 +152,17 @@ def build_dataset(
         raise ValueError("passes > 1 needs a train dataset with shuffle files or none (rows shuffles per execution)")
     permute = train and shuffle == "files"
     task_rows = batch_size * (TRAIN_TASK_BATCHES if train else 1)  # rows per decode task (val: one batch, in order)
+    largest = largest_shard_rows(location)
     if train:
         from ray.data import FileShuffleConfig
         from ray.data._internal.random_config import RandomSeedConfig
 
         if passes > 1:  # every pass a new shard order, drawn here; streamed, no barrier
-            raw = read_shards(location, passes=passes, seed=seed if shuffle != "none" else None)
+            raw = read_shards(location, passes=passes, seed=seed if shuffle != "none" else None, read_tasks=shard_reads())
         else:  # a new shard order at every execution (epoch); streamed, no barrier
             file_shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle != "none" else None
-            raw = read_shards(location, shuffle=file_shuffle)
-        ds = _split_blocks(raw, task_rows)
+            raw = read_shards(location, shuffle=file_shuffle, read_tasks=shard_reads())
+        ds = _split_blocks(raw, task_rows, largest)
         if shuffle == "rows":
             ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         # "files" has no all-to-all stage (randomize_block_order would hold every block of the epoch, i.e. the
@@ -154,7 +173,7 @@ def build_dataset(
         ds = ds.with_column("aug_seed", random_expr(seed=seed, reseed_after_execution=True))
         transform: Any = TrainAugment(list(min_sizes), max_size, flip_prob)
     else:
-        ds = _split_blocks(read_shards(location), task_rows)
+        ds = _split_blocks(read_shards(location, read_tasks=shard_reads()), task_rows, largest)
         ds.context.execution_options.preserve_order = True  # evaluation order = shard order (image id)
         transform = EvalTransform(int(min_sizes[0]), max_size)
     return ds.map_batches(
@@ -206,4 +225,8 @@ class RayCollateFn(NumpyBatchCollateFn):
 
 def make_collate_fn(input_cfg: Any | None = None) -> RayCollateFn:
     """``collate_fn`` for ``iter_torch_batches``: normalise with InputConfig's mean/std, pad to size_divisible."""
+    # imported here: the collator needs torch, and this module is imported by every process that unpickles a
+    # Dataset plan (see `retina.data.transforms._resize_boxes`); only the training workers collate
+    from retina.data.collate import BatchCollator
+
     return RayCollateFn(BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator())

@@ -62,18 +62,36 @@ def pass_order(paths: Sequence[str], passes: int, seed: int | None) -> list[str]
     return [paths[i] for p in range(passes) for i in np.random.default_rng((seed, p)).permutation(len(paths))]
 
 
+def largest_shard_rows(location: str) -> int:
+    """Rows of the largest shard the manifest lists (0 when a manifest predates per-shard counts)."""
+    manifest = load_manifest(location, settings_for(location))
+    return max(int(s.get("num_rows", 0)) for s in manifest["shards"])
+
+
 def read_shards(
-    location: str, columns: Sequence[str] | None = None, passes: int = 1, seed: int | None = None, **read_kwargs: Any
+    location: str,
+    columns: Sequence[str] | None = None,
+    passes: int = 1,
+    seed: int | None = None,
+    read_tasks: int | None = None,
+    **read_kwargs: Any,
 ) -> ray.data.Dataset:
     """The listed shards as a Ray Dataset of raw shard rows (image bytes unless `columns` leaves them out).
 
     `passes` > 1: the rows of every shard `passes` times, pass after pass (`pass_order`; `seed` shuffles the
-    shard order of each pass)."""
+    shard order of each pass).
+
+    `read_tasks`: read as a light stage in front of CPU-heavy work: one block per shard file, at most `read_tasks`
+    reads in flight, reserving no CPU. A read reserving a CPU takes it from Ray Data's budget as long as shards
+    are left to read, and on a small budget (the demo's 2 CPUs) the decode stage got none until every pass of the
+    run had been read into the object store (15 s to the first batch of the demo instead of 7)."""
     settings = settings_for(location)
     manifest = load_manifest(location, settings)
     fs, _ = s3.arrow_filesystem(location, settings)
     listed = [s3.arrow_filesystem(p, settings)[1] for p in shard_paths(location, manifest)]
     paths = pass_order(listed, passes, seed) if passes > 1 else listed
+    if read_tasks is not None:
+        read_kwargs = {"override_num_blocks": len(paths), "num_cpus": 0, "concurrency": read_tasks, **read_kwargs}
     # Ray 2.60's default (V2) Parquet reader lists the files again at every execution (a ListFiles stage, then
     # ReadFiles): ~2 s more per epoch than the V1 reader on the benchmark, which resolves the explicit shard
     # list once (the manifest already names every file, so there is nothing to list).

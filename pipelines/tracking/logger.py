@@ -7,19 +7,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
-
-from pipelines.tracking.store import log_metric_batch
-
 
 class RunLogger:
-    """Logs into an existing run from a Ray worker; a no-op unless `enabled` (rank 0)."""
+    """Logs into an existing run from a Ray worker; a no-op unless `enabled` (rank 0).
+
+    MLflow is imported only by an enabled logger: the other ranks never log, and its import (~0.7 s of CPU) would
+    sit on their way to the first step."""
 
     def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
         self.run_id = run_id
         self.enabled = enabled and bool(run_id)
-        self._client = MlflowClient(tracking_uri) if self.enabled else None
+        self._client: Any = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri)
         self._last_step: dict[str, int] = {}
 
     def _high_water(self, key: str) -> int:
@@ -32,6 +34,10 @@ class RunLogger:
         """Finite metrics only (NaN/inf are dropped, not sent); a (key, step) already logged is skipped."""
         if not self.enabled:
             return
+        from mlflow.entities import Metric
+
+        from pipelines.tracking.store import log_metric_batch
+
         now = int(time.time() * 1000)
         batch = []
         for key, value in metrics.items():
@@ -45,6 +51,10 @@ class RunLogger:
         """Values that describe an attempt rather than a point of a curve (the world size each (re)start trains
         with): logged even at a step the run already holds, so a run's history shows every restart and resize."""
         if self.enabled:
+            from mlflow.entities import Metric
+
+            from pipelines.tracking.store import log_metric_batch
+
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if math.isfinite(v)]
             log_metric_batch(self._client, self.run_id, batch)

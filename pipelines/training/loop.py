@@ -146,7 +146,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         return {names.STEP: state.step}
 
     collate = make_collate_fn(cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
-    train_data, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_data = ray.train.get_dataset_shard("train")  # "val" at the first evaluation: its split coordinator, a
+    # new process, would otherwise start while the machine is busy starting everything else before the first step
 
     def train_batches() -> Any:  # one new execution of the train Dataset
         return train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
@@ -178,6 +179,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         progress.epoch += 1
         if progress.epoch % cfg.train.eval_every_epochs == 0 or progress.step >= cfg.train.max_steps:
             epoch_rate = (progress.step - start_step) * w.global_batch / (time.perf_counter() - epoch_start)
+            val_data = ray.train.get_dataset_shard("val")
             val_batches = val_data.iter_torch_batches(batch_size=cfg.data.val_batch_size, collate_fn=collate)
             evaluate_and_report(parts, val_batches, w, progress, epoch_rate)
     finish_pending_eval(w, progress)  # (the last evaluation is scored in place: nothing is pending by now)

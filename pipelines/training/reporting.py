@@ -9,7 +9,6 @@ from typing import Any
 
 import ray.train
 
-from pipelines.tracking import plots
 from pipelines.tracking.logger import RunLogger
 from pipelines.training.checkpoint import TrainState, save_checkpoint
 from pipelines.training.evaluation import EvalResult
@@ -74,6 +73,10 @@ def log_evaluation(
     tracker.log_text(confusion_table(result.confusion) + "\n", "evaluation/confusion.txt")
     text = "\n".join([coco.report, per_class_table(per_class), agnostic_line(coco.agnostic, coco.metrics)])
     tracker.log_text(text, "evaluation/cocoeval.txt")
+    if result.samples:
+        # matplotlib is imported here, at the one evaluation that draws: every training worker imports this module
+        # at start-up, when its ~0.3 s of CPU is on the way to the first step
+        from pipelines.tracking import plots
     for sample in result.samples:
         fig = plots.detections_figure(sample, list(labels.names))
         tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")

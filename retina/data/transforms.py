@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from retina import transform as T
 
 # Formats the pipeline accepts; anything else (FITS, PSD, ...) is refused before a plugin parses it.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -110,11 +108,29 @@ class Sample:
 
 def resize_image(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
     """(H, W, 3) uint8 → (h, w, 3) uint8 via `retina.transform.resize` (bilinear on floats 0..1, as the model)."""
+    import torch  # here, not at the top: see `_resize_boxes`
+
+    from retina import transform as T
+
     chw = (
         torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1).float().div_(255.0)
     )  # (3, H, W) in 0..1
     out = T.resize(chw, min_size, max_size)  # (3, h, w)
     return out.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def _resize_boxes(boxes: np.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
+    """(N, 4) xyxy float32 boxes scaled by the per-axis ratios, with the model's own `retina.transform.resize_boxes`.
+
+    torch is imported on the first call, not with this module: every process that unpickles a Dataset plan holding
+    these transforms imports the module (Ray Data's split coordinators, read and repartition tasks, Ray Train's
+    dataset manager), and torch's import is ~1.5 s of CPU in each, on the path to the first training step.
+    """
+    import torch
+
+    from retina import transform as T
+
+    return T.resize_boxes(torch.from_numpy(boxes), old_hw, new_hw).numpy()
 
 
 def transform_sample(
@@ -131,10 +147,7 @@ def transform_sample(
     orig_h, orig_w = image.shape[:2]
     resized = resize_image(image, min_size, max_size)
     h, w = resized.shape[:2]
-    boxes_t = T.resize_boxes(
-        torch.from_numpy(np.array(boxes, dtype=np.float32).reshape(-1, 4)), (orig_h, orig_w), (h, w)
-    )
-    out_boxes = boxes_t.numpy()
+    out_boxes = _resize_boxes(np.array(boxes, dtype=np.float32).reshape(-1, 4), (orig_h, orig_w), (h, w))
     if flip:
         resized = np.ascontiguousarray(resized[:, ::-1])
         # Continuous pixel-edge coordinates: x' = w - x, so (x1, x2) → (w - x2, w - x1).
