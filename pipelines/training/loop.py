@@ -67,6 +67,7 @@ class Progress:
     last_checkpoint_time: float = field(default_factory=time.monotonic)  # rank 0's clock
     preemption_saved: bool = False  # a just-in-time checkpoint was taken for the preemption under way
     pending_eval: tuple[int, int] | None = None  # (step, epoch) of an evaluation being scored in the background
+    stepped: bool = False  # this attempt (start or restart of the worker group) has taken its first step
 
 
 @dataclass
@@ -161,8 +162,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         progress.step, progress.epoch = state.step, state.epoch
         logger.info("rank %d: resumed from %s at step %d, epoch %d", w.rank, checkpoint.path, state.step, state.epoch)
         tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))
-    # every (re)start logs the group it trains with: a run's history shows each resize
-    tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
 
     window = MetricWindow(parts.device, w.world, w.global_batch)
     stream = _look_ahead(first, parts.device, w)  # this rank's batches of every epoch in one Dataset execution
@@ -203,9 +202,8 @@ def train_one_epoch(
         host = [float(is_last), float(_checkpoint_due(w, progress)), float(_eval_scored(w, progress))]
         # [non-finite, out of data, checkpoint due, background evaluation scored]
         flags = all_reduce(torch.cat([result.bad.float().reshape(1), torch.tensor(host, device=parts.device)]))
-        if progress.step == 0:  # a fresh run's first step (a resumed run starts past it): what π starts from
-            _log_initial_loss(w, result)
-            w.tracker.log_metrics({names.STARTUP_FIRST_STEP_S: time.time() - w.run_started_at}, 0)
+        if not progress.stepped:  # this attempt's first step: logged after it, not before (`RunLogger`)
+            _log_first_step(w, result, progress)
         if bool(flags[0]):
             message = _nonfinite_message(progress.step, result)
             logger.error("rank %d: %s", w.rank, message)
@@ -231,11 +229,16 @@ def train_one_epoch(
     return None, True
 
 
-def _log_initial_loss(w: Worker, result: StepResult) -> None:
-    """train/initial_loss at step 0: the first batch's loss before any update, averaged over the ranks (one extra
-    collective, once per run). A non-finite one is not logged (RunLogger drops it; the run stops as diverged)."""
-    loss = all_reduce(result.loss.detach().float().reshape(1), dist.ReduceOp.SUM) / w.world
-    w.tracker.log_metrics({names.TRAIN_INITIAL_LOSS: float(loss)}, 0)
+def _log_first_step(w: Worker, result: StepResult, progress: Progress) -> None:
+    """At every (re)start, the group it trains with (a run's history shows each resize); on a fresh run also the
+    time to its first step and train/initial_loss: the first batch's loss before any update, averaged over the
+    ranks (one extra collective, once per run; a non-finite one is not logged, and the run stops as diverged)."""
+    progress.stepped = True
+    if progress.step == 0:  # a fresh run (a resumed one starts past step 0): what π starts from
+        loss = all_reduce(result.loss.detach().float().reshape(1), dist.ReduceOp.SUM) / w.world
+        w.tracker.log_metrics({names.STARTUP_FIRST_STEP_S: time.time() - w.run_started_at,
+                               names.TRAIN_INITIAL_LOSS: float(loss)}, 0)  # fmt: skip
+    w.tracker.log_events({names.TRAIN_WORLD_SIZE: w.world, names.TRAIN_GLOBAL_BATCH: w.global_batch}, progress.step)
 
 
 def _eval_scored(w: Worker, progress: Progress) -> bool:

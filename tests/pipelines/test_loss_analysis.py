@@ -88,15 +88,27 @@ def test_cli_flags(capsys):
 class _Tracker:
     def __init__(self):
         self.logged: list[tuple[dict, int]] = []
+        self.events: list[tuple[dict, int]] = []
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.logged.append((dict(metrics), step))
 
+    def log_events(self, metrics: dict, step: int) -> None:
+        self.events.append((dict(metrics), step))
 
-def test_initial_loss_is_logged_at_step_zero():
+
+def test_first_step_logs_the_initial_loss_once_and_the_group_at_every_start():
     """One rank (no process group): the all-reduce is the identity, so the logged value is this batch's loss."""
     tracker = _Tracker()
-    worker = SimpleNamespace(world=1, tracker=tracker)
+    worker = SimpleNamespace(world=1, global_batch=8, tracker=tracker, run_started_at=0.0)
     losses = {"loss_cls": torch.tensor(6.5), "loss_box": torch.tensor(0.5)}
-    loop._log_initial_loss(worker, StepResult(losses, torch.tensor(7.0), None, torch.tensor(False)))
-    assert tracker.logged == [({names.TRAIN_INITIAL_LOSS: 7.0}, 0)]
+    result = StepResult(losses, torch.tensor(7.0), None, torch.tensor(False))
+    fresh = loop.Progress()
+    loop._log_first_step(worker, result, fresh)
+    [(metrics, step)] = tracker.logged
+    assert step == 0 and metrics[names.TRAIN_INITIAL_LOSS] == 7.0 and metrics[names.STARTUP_FIRST_STEP_S] > 0
+    assert fresh.stepped and tracker.events == [({names.TRAIN_WORLD_SIZE: 1, names.TRAIN_GLOBAL_BATCH: 8}, 0)]
+    resumed = loop.Progress(step=250)  # a restart: the group again, at its step; no initial loss
+    loop._log_first_step(worker, result, resumed)
+    assert len(tracker.logged) == 1 and tracker.events[-1] == ({names.TRAIN_WORLD_SIZE: 1,
+                                                                names.TRAIN_GLOBAL_BATCH: 8}, 250)  # fmt: skip
