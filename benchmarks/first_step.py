@@ -3,10 +3,11 @@
     python benchmarks/first_step.py [--baseline fb3463e] [--config configs/demo.yaml] [--repeats 2]
 
 Each run is the real command (`pipelines/train.py --config ...`) in its own process, with its own local Ray (own
-temp folder), run folder, MLflow store and a cold Inductor cache (as on a fresh machine); the baseline runs from a `git worktree` of `--baseline` with this
-environment's Python. A run is stopped once its console shows the first logged step (train.log_every), and its
-MLflow run gives: the run's start → the first logged step (what a user waits for; the MLflow timestamps), and
-``startup/first_step_s`` (the run's start → the first optimizer step done; absent before that metric existed).
+temp folder), run folder, MLflow store and a cold Inductor cache (as on a fresh machine); the baseline runs from a
+`git worktree` of `--baseline` with this environment's Python. A run is stopped once its console shows the first
+logged step (train.log_every), and its MLflow run gives: the run's start → the first logged step (what a user
+waits for; the MLflow timestamps), and ``startup/first_step_s`` (the run's start → the first optimizer step done;
+absent before that metric existed).
 The two sides alternate (baseline, this, baseline, this, ...) so that drift of the machine hits both; printed: each
 run, the medians and their ratio.
 """
