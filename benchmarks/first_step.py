@@ -8,8 +8,9 @@ temp folder), run folder, MLflow store and a cold Inductor cache (as on a fresh 
 logged step (train.log_every), and its MLflow run gives: the run's start → the first logged step (what a user
 waits for; the MLflow timestamps), and ``startup/first_step_s`` (the run's start → the first optimizer step done;
 absent before that metric existed).
-The two sides alternate (baseline, this, baseline, this, ...) so that drift of the machine hits both; printed: each
-run, the medians and their ratio.
+The two sides alternate (baseline, this, baseline, this, ...) so that drift of the machine hits both, with
+`--settle` seconds of rest after each run (a stopped run's processes take a while to exit); printed: each run, the
+medians and their ratio.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ FIRST_STEP_METRIC = "startup/first_step_s"  # pipelines.names.STARTUP_FIRST_STEP
 EXPERIMENT = "first-step"
 
 
-def run_once(tree: Path, config: str, work: Path, name: str, timeout: float) -> dict[str, float]:
+def run_once(tree: Path, config: str, work: Path, name: str, timeout: float, settle: float) -> dict[str, float]:
     """Train `config` from source tree `tree` until its first logged step; return its two start-up figures."""
     tmp = work / f"ray-{name}"  # Ray's temp folder: this run's processes are found (and ended) by it
     tmp.mkdir()
@@ -54,6 +55,7 @@ def run_once(tree: Path, config: str, work: Path, name: str, timeout: float) -> 
                 break
     finally:
         _stop(proc, tmp)
+        time.sleep(settle)  # the stopped run's processes exit and free their CPU before the next run starts
     if not seen:
         raise RuntimeError(f"{name}: no step logged within {timeout:.0f} s (see its Ray logs in {tmp})")
     return _figures(work, name)
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml", help="a config path inside the repository")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the first logged step")
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds of rest after each run")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="retina-fs-"))
     baseline = work / "baseline"
@@ -108,7 +111,7 @@ def main() -> None:
     try:
         for r in range(args.repeats):
             for k, (label, tree) in enumerate(sides.items()):
-                figures = run_once(tree, args.config, work, f"s{k}r{r}", args.timeout)
+                figures = run_once(tree, args.config, work, f"s{k}r{r}", args.timeout, args.settle)
                 results[label].append(figures)
                 print(f"{label}, run {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     finally:
