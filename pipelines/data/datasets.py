@@ -27,7 +27,7 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import random as random_expr
 
-from pipelines.data.shards import largest_shard_rows, read_shards
+from pipelines.data.shards import read_shards
 from retina.data.coco import DataError
 from retina.data.transforms import EvalTransform, TrainAugment, decode_image
 
@@ -101,19 +101,6 @@ def _to_samples(
     }
 
 
-def _split_blocks(ds: ray.data.Dataset, rows: int, largest_shard: int) -> ray.data.Dataset:
-    """Blocks of at most `rows` rows, streamed (no barrier); as read when no shard is larger.
-
-    Ray 2.60 reads a Parquet file as one block (512 rows per shard by default), and map_batches never splits an
-    input block across tasks: without this, one task decodes a whole shard while the other CPUs wait (measured:
-    one process doing all the decoding of a 300-image epoch, 47 img/s on 2 CPUs). Shards no larger than a decode
-    task (the sample's 64 rows) skip the repartition stage: its tasks hold a CPU each, taken from decoding.
-    """
-    if 0 < largest_shard <= rows:
-        return ds
-    return ds.repartition(target_num_rows_per_block=rows)
-
-
 def build_dataset(
     location: str,
     *,
@@ -152,17 +139,17 @@ def build_dataset(
         raise ValueError("passes > 1 needs a train dataset with shuffle files or none (rows shuffles per execution)")
     permute = train and shuffle == "files"
     task_rows = batch_size * (TRAIN_TASK_BATCHES if train else 1)  # rows per decode task (val: one batch, in order)
-    largest = largest_shard_rows(location)
+    reads = shard_reads()
     if train:
         from ray.data import FileShuffleConfig
         from ray.data._internal.random_config import RandomSeedConfig
 
         if passes > 1:  # every pass a new shard order, drawn here; streamed, no barrier
-            raw = read_shards(location, passes=passes, seed=seed if shuffle != "none" else None, read_tasks=shard_reads())
+            ds = read_shards(location, passes=passes, seed=seed if shuffle != "none" else None, read_tasks=reads,
+                             block_rows=task_rows)  # fmt: skip
         else:  # a new shard order at every execution (epoch); streamed, no barrier
             file_shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle != "none" else None
-            raw = read_shards(location, shuffle=file_shuffle, read_tasks=shard_reads())
-        ds = _split_blocks(raw, task_rows, largest)
+            ds = read_shards(location, shuffle=file_shuffle, read_tasks=reads, block_rows=task_rows)
         if shuffle == "rows":
             ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         # "files" has no all-to-all stage (randomize_block_order would hold every block of the epoch, i.e. the
@@ -173,7 +160,7 @@ def build_dataset(
         ds = ds.with_column("aug_seed", random_expr(seed=seed, reseed_after_execution=True))
         transform: Any = TrainAugment(list(min_sizes), max_size, flip_prob)
     else:
-        ds = _split_blocks(read_shards(location, read_tasks=shard_reads()), task_rows, largest)
+        ds = read_shards(location, read_tasks=reads, block_rows=task_rows)
         ds.context.execution_options.preserve_order = True  # evaluation order = shard order (image id)
         transform = EvalTransform(int(min_sizes[0]), max_size)
     return ds.map_batches(

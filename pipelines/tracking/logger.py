@@ -43,30 +43,27 @@ class RunLogger:
         """Finite metrics only (NaN/inf are dropped, not sent); a (key, step) already logged is skipped."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
-        from pipelines.tracking.store import log_metric_batch
-
-        now = int(time.time() * 1000)
-        batch = []
+        fresh = {}
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or step <= self._high_water(key):
-                continue
-            batch.append(Metric(key, float(value), now, int(step)))
-            self._last_step[key] = int(step)
-        log_metric_batch(self._client, self.run_id, batch)
+            if isinstance(value, (int, float)) and math.isfinite(value) and step > self._high_water(key):
+                fresh[key] = value
+                self._last_step[key] = int(step)
+        self._send(fresh, step)
 
     def log_events(self, metrics: Mapping[str, float], step: int) -> None:
         """Values that describe an attempt rather than a point of a curve (the world size each (re)start trains
         with): logged even at a step the run already holds, so a run's history shows every restart and resize."""
         if self.enabled:
-            from mlflow.entities import Metric
+            self._send({k: v for k, v in metrics.items() if math.isfinite(v)}, step)
 
-            from pipelines.tracking.store import log_metric_batch
+    def _send(self, values: Mapping[str, float], step: int) -> None:
+        """One batched MLflow call (chunked) for `values` at `step`, stamped now."""
+        from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if math.isfinite(v)]
-            log_metric_batch(self._client, self.run_id, batch)
+        from pipelines.tracking.store import log_metric_batch
+
+        now = int(time.time() * 1000)
+        log_metric_batch(self._client, self.run_id, [Metric(k, float(v), now, int(step)) for k, v in values.items()])
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:

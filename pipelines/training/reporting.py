@@ -77,7 +77,8 @@ def log_evaluation(
         # matplotlib is imported here, at the one evaluation that draws: every training worker imports this module
         # at start-up, when its ~0.3 s of CPU is on the way to the first step
         from pipelines.tracking import plots
-    for sample in result.samples:
-        fig = plots.detections_figure(sample, list(labels.names))
-        tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")
-        plots.close(fig)
+
+        for sample in result.samples:
+            fig = plots.detections_figure(sample, list(labels.names))
+            tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")
+            plots.close(fig)
