@@ -35,8 +35,8 @@ def _train_func(config: dict) -> dict:
     from pipelines.training.distributed import all_gather_objects
     from pipelines.training.optim import build_optimizer
     from pipelines.training.reporting import report, write_checkpoint
-    from retina.config import to_dict
     from retina.model import build_retinanet
+    from retina.typed_config import to_dict
 
     cfg = config["config"]
     rank = ray.train.get_context().get_world_rank()

@@ -48,8 +48,8 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     """Errors that name a bad config key, data file, model URI or storage path: exit code 2, no traceback."""
     from cluster.s3 import StorageError
     from pipelines.inference.loading import ModelLoadError
-    from retina.config import ConfigError
     from retina.data.coco import DataError
+    from retina.typed_config import ConfigError
 
     return (ConfigError, DataError, ModelLoadError, StorageError, FileNotFoundError)
 

@@ -1,7 +1,7 @@
-"""The run config of a training job: the library's sections (model, data, train: `retina.config`) composed with
-the sections the pipelines read (scaling and run: Ray Train, `pipelines.training.settings`; tracking: MLflow,
-`pipelines.tracking.settings`). One typed object, loaded and checked once per process, then passed as it is
-(Ray pickles it into the workers).
+"""The run config of a training job: each layer's sections composed into one typed object: model (the library,
+`retina.config`), data (the input pipeline, `pipelines.data.settings`), train, scaling and run (the training layer,
+`pipelines.training.settings`) and tracking (MLflow, `pipelines.tracking.settings`). Loaded and checked once per
+process (`retina.typed_config`), then passed as it is (Ray pickles it into the workers).
 
     cfg = load_config("configs/demo.yaml", ["train.max_steps=100"])
 """
@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.data.settings import DataConfig
 from pipelines.tracking.settings import TrackingConfig
-from pipelines.training.settings import RunConfig, ScalingConfig
-from retina import config as rc
-from retina.config import ConfigError, DataConfig, ModelConfig, TrainConfig, require
+from pipelines.training.settings import RunConfig, ScalingConfig, TrainConfig
+from retina import typed_config
+from retina.config import ModelConfig
+from retina.typed_config import ConfigError, require
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -31,10 +33,7 @@ class Config:
 
     def check(self) -> None:
         """Every section's range rules, then the rules that span sections; ConfigError naming the key."""
-        rc.validate_model(self.model)
-        rc.validate_data(self.data)
-        rc.validate_train(self.train)
-        for section in (self.scaling, self.run, self.tracking):
+        for section in (self.model, self.data, self.train, self.scaling, self.run, self.tracking):
             section.check()
         require(
             self.data.batch_size % self.scaling.num_workers == 0,
@@ -51,9 +50,9 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """A YAML run config (or the defaults when `path` is None) plus ``section.key=value`` overrides, checked."""
-    return rc.load_config(path, overrides, cls=Config)
+    return typed_config.load_config(path, overrides, cls=Config)
 
 
 def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """A Config from its plain-dict form (``dataclasses.asdict``; what checkpoints and MLflow store)."""
-    return rc.config_from_dict(data, overrides, cls=Config)
+    return typed_config.config_from_dict(data, overrides, cls=Config)

@@ -21,7 +21,7 @@ from retina import transform as T
 from retina.anchors import AnchorGenerator
 from retina.backbone import build_backbone
 from retina.boxes import BoxCoder
-from retina.config import ModelConfig, validate_model
+from retina.config import ModelConfig
 from retina.head import RetinaNetHead
 from retina.losses import assign_targets, detection_losses
 from retina.matcher import Matcher
@@ -165,7 +165,7 @@ def build_retinanet(cfg: ModelConfig | None = None, backbone_weights: str | dict
     """The one place that reads the model config. `backbone_weights` overrides cfg.backbone.weights (a dict
     cannot live in a YAML config)."""
     cfg = dataclasses.replace(cfg) if cfg is not None else ModelConfig()
-    validate_model(cfg)
+    cfg.check()
     b, a, h = cfg.backbone, cfg.anchors, cfg.head
     backbone = build_backbone(
         b.name, backbone_weights if backbone_weights is not None else b.weights, b.norm, b.trainable_layers,

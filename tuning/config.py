@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import Config
+from pipelines.training.settings import check_lr
 from retina import config as rc
-from retina.config import ConfigError
+from retina import typed_config
+from retina.typed_config import ConfigError, require
 
 SEARCH_ALGS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "none")
@@ -97,7 +99,7 @@ class SearchConfig(Config):
 
 def load_search_config(path: str | Path | None, overrides: Sequence[str] = ()) -> SearchConfig:
     """A YAML search config (a run config with a ``tuning`` section) plus overrides, checked."""
-    return rc.load_config(path, overrides, cls=SearchConfig)
+    return typed_config.load_config(path, overrides, cls=SearchConfig)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -108,7 +110,7 @@ RANGE_RULES: dict[str, Callable[..., None]] = {
     "gamma": lambda v, key, choice: rc.check_gamma(v, key),
     "alpha": lambda v, key, choice: rc.check_alpha(v, key, allow_disabled=choice),
     "prior": lambda v, key, choice: rc.check_prior(v, key),
-    "lr": lambda v, key, choice: rc.check_lr(v, key),
+    "lr": lambda v, key, choice: check_lr(v, key),
 }
 
 
@@ -134,18 +136,18 @@ def _check_dimension(name: str, d: SearchDimConfig, grid: bool) -> None:
 
 def validate_tuning(t: TuningConfig) -> None:
     """Every tuning.* setting and every range of the space; ConfigError naming the key."""
-    rc.require(not t.name or bool(_NAME.fullmatch(t.name)), "tuning.name", "must be 1-100 characters of [A-Za-z0-9_.-]")
-    rc.require(t.num_samples >= 1, "tuning.num_samples", f"must be >= 1, got {t.num_samples}")
-    rc.require(t.max_concurrent_trials >= 0, "tuning.max_concurrent_trials", "must be >= 0 (0: as many as fit)")
-    rc.require(t.search_alg in SEARCH_ALGS, "tuning.search_alg", f"must be one of {', '.join(SEARCH_ALGS)}")
-    rc.require(t.scheduler in SCHEDULERS, "tuning.scheduler", f"must be one of {', '.join(SCHEDULERS)}")
-    rc.require(t.tpe_startup_trials >= 0, "tuning.tpe_startup_trials", "must be >= 0")
-    rc.require(t.grid_points >= 1, "tuning.grid_points", "must be >= 1")
-    rc.require(t.grace_period >= 1, "tuning.grace_period", "must be >= 1 (epochs)")
-    rc.require(t.reduction_factor >= 2, "tuning.reduction_factor", "must be >= 2")
-    rc.require(t.driver_cpus > 0, "tuning.driver_cpus", "must be > 0 (a Tune trial needs some resource)")
-    rc.require(all(v > 0 for v in t.driver_resources.values()), "tuning.driver_resources", "must be > 0")
-    rc.require(t.max_failures >= -1, "tuning.max_failures", "must be >= 0 (or -1: retry forever)")
+    require(not t.name or bool(_NAME.fullmatch(t.name)), "tuning.name", "must be 1-100 characters of [A-Za-z0-9_.-]")
+    require(t.num_samples >= 1, "tuning.num_samples", f"must be >= 1, got {t.num_samples}")
+    require(t.max_concurrent_trials >= 0, "tuning.max_concurrent_trials", "must be >= 0 (0: as many as fit)")
+    require(t.search_alg in SEARCH_ALGS, "tuning.search_alg", f"must be one of {', '.join(SEARCH_ALGS)}")
+    require(t.scheduler in SCHEDULERS, "tuning.scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+    require(t.tpe_startup_trials >= 0, "tuning.tpe_startup_trials", "must be >= 0")
+    require(t.grid_points >= 1, "tuning.grid_points", "must be >= 1")
+    require(t.grace_period >= 1, "tuning.grace_period", "must be >= 1 (epochs)")
+    require(t.reduction_factor >= 2, "tuning.reduction_factor", "must be >= 2")
+    require(t.driver_cpus > 0, "tuning.driver_cpus", "must be > 0 (a Tune trial needs some resource)")
+    require(all(v > 0 for v in t.driver_resources.values()), "tuning.driver_resources", "must be > 0")
+    require(t.max_failures >= -1, "tuning.max_failures", "must be >= 0 (or -1: retry forever)")
     for name in RANGE_RULES:
         _check_dimension(name, getattr(t, name), grid=t.search_alg == "grid")
     if all(getattr(t, name).kind == "fixed" for name in RANGE_RULES):

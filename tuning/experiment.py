@@ -30,7 +30,7 @@ from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.run import prepare_run, steps_per_epoch
 from pipelines.training.trainer import read_checkpoint
-from retina.config import flatten, to_dict
+from retina.typed_config import flatten, to_dict
 from tuning import results as res
 from tuning.config import SearchConfig
 from tuning.console import TrialLines, configure, shown_names, tune_output

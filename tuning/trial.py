@@ -33,7 +33,7 @@ from pipelines.tracking import store
 from pipelines.training.faults import Faults
 from pipelines.training.run import fit
 from pipelines.training.trainer import best_checkpoint
-from retina.config import flatten, to_dict
+from retina.typed_config import flatten, to_dict
 from tuning.space import METRIC, apply_hyperparameters
 
 logger = logging.getLogger("retina.tune")

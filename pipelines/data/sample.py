@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cluster import s3
 from pipelines.data.prepare import prepare
+from pipelines.data.settings import DataConfig
 from pipelines.data.shards import MANIFEST
-from retina.config import DataConfig
 from retina.data import synthetic
 
 logger = logging.getLogger("retina.sample_data")

@@ -136,7 +136,7 @@ def check_shards(data: Any, num_classes: int) -> LabelMap:
 
     `data`: the run's ``DataConfig``. DataError / ConfigError naming the folder or the key.
     """
-    from retina.config import ConfigError
+    from retina.typed_config import ConfigError
 
     train_manifest = load_manifest(data.train_shards, settings_for(data.train_shards))
     val_manifest = load_manifest(data.val_shards, settings_for(data.val_shards))

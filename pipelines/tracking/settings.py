@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from retina.config import require
+from retina.typed_config import require
 
 # MLflow rejects aliases that look like versions ("v3") and the reserved "latest".
 _ALIAS = re.compile(r"(?![vV]\d+$)[A-Za-z_][A-Za-z0-9_-]{0,254}")

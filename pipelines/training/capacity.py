@@ -20,7 +20,7 @@ import ray
 
 from cluster import s3
 from pipelines.training.settings import ScalingConfig
-from retina.config import ConfigError
+from retina.typed_config import ConfigError
 
 logger = logging.getLogger("retina.train")
 

@@ -110,8 +110,9 @@ def _metrics(directory: Path, in_state: str) -> dict[str, float]:
 def model_from_state(state: TrainState) -> RetinaNet:
     """The trained detector of a checkpoint, rebuilt from the checkpoint's own config: the one checkpoint → model
     path (training's registration, the search's, inference). Errors name what does not fit."""
-    from retina.config import ModelConfig, config_from_dict
+    from retina.config import ModelConfig
     from retina.model import build_retinanet
+    from retina.typed_config import config_from_dict
 
     model_cfg = config_from_dict(state.config.get("model", {}), cls=ModelConfig)
     # The weights come from the checkpoint: never read the backbone's ImageNet file (it may not exist here).

@@ -26,7 +26,6 @@ last checkpoint (FailureConfig), which replays the same steps into the same NaN.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import time
@@ -51,10 +50,10 @@ from pipelines.training.faults import Faults
 from pipelines.training.metrics import MetricWindow
 from pipelines.training.reporting import log_evaluation, report, write_checkpoint
 from pipelines.training.step import StepResult, TrainingParts, apply_update, autocast, forward_backward
-from retina.config import to_dict
 from retina.data.coco import LabelMap
 from retina.evaluation import DEFAULT_BACKEND
 from retina.model import build_retinanet
+from retina.typed_config import to_dict
 
 logger = logging.getLogger("retina.train")
 
@@ -153,8 +152,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     def train_batches() -> Any:  # one new execution of the train Dataset
         return train_data.iter_torch_batches(batch_size=w.per_worker_batch, collate_fn=collate, drop_last=True)
 
-    # overlap_startup: the data pipeline starts (decode workers, first tasks) while the model is wrapped in DDP
-    first = _Prefetched(train_batches()) if cfg.train.overlap_startup else train_batches()
+    first = train_batches()
     parts = TrainingParts.build(model, cfg.train, w.global_batch)
     progress = Progress()
     if state is not None:
@@ -282,24 +280,6 @@ def checkpoint_and_report(parts: TrainingParts, w: Worker, progress: Progress, *
     seconds = report(metrics, state, async_upload=async_upload)
     progress.last_checkpoint_time = time.monotonic()
     w.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, progress.step)
-
-
-class _Prefetched:
-    """An iterable of batches whose first one is fetched in a thread from construction on: Ray Data's execution
-    (worker processes, the first decode tasks) gets going while the caller does other start-up work."""
-
-    def __init__(self, batches: Any) -> None:
-        self._it = iter(batches)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch")
-        self._first = self._pool.submit(next, self._it, None)
-
-    def __iter__(self) -> Iterator[Any]:
-        first = self._first.result()  # re-raises what the fetch raised
-        self._pool.shutdown(wait=False)
-        if first is None:
-            return
-        yield first
-        yield from self._it
 
 
 def _look_ahead(batches: Any, device: torch.device, w: Worker) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:

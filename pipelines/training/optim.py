@@ -11,7 +11,7 @@ from bisect import bisect_right
 import torch
 from torch import nn
 
-from retina.config import TrainConfig
+from pipelines.training.settings import TrainConfig
 
 
 def scaled_lr(train: TrainConfig, global_batch: int) -> float:

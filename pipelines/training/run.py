@@ -36,7 +36,7 @@ from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.loop import epoch_steps
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
-from retina.config import ConfigError, flatten, to_dict
+from retina.typed_config import ConfigError, flatten, to_dict
 
 logger = logging.getLogger("retina.train")
 

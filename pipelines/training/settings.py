@@ -1,14 +1,68 @@
-"""The config sections only Ray Train reads: how many workers and what each holds (`ScalingConfig`), and where
-a run lives and how it survives failures (`RunConfig`). Composed into `pipelines.config.Config`."""
+"""The config sections the training layer reads: the optimisation recipe (`TrainConfig`), how many Ray Train
+workers and what each holds (`ScalingConfig`), and where a run lives and how it survives failures (`RunConfig`).
+Composed into `pipelines.config.Config`."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
-from retina.config import require
+from retina.typed_config import require
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def check_lr(value: float, key: str) -> None:
+    """The learning rate's range rule (train.base_lr, and the search's tuning.lr)."""
+    require(math.isfinite(value) and value > 0, key, f"the learning rate must be a finite number > 0, got {value}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. Defaults: the paper's COCO 1x schedule (Detectron's RetinaNet settings)."""
+
+    max_steps: int = 90_000  # optimizer steps (iterations); epochs follow from the data size
+    base_lr: float = 0.01  # for `base_batch_size` images per step; scaled linearly with data.batch_size
+    base_batch_size: int = 16
+    # sgd (the paper: momentum + weight decay) | adamw (decoupled decay; short runs from scratch)
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500  # linear warm-up from warmup_factor * lr (Detectron: 500 iters from 1/3)
+    warmup_factor: float = 1 / 3
+    lr_steps: list[int] = field(default_factory=lambda: [60_000, 80_000])  # iterations where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping (the paper does not clip)
+    amp: str = "none"  # none | bf16 (autocast; GPU, or CPU with AVX-512 BF16 / AMX) | fp16 (+ GradScaler, GPU)
+    seed: int = 0
+    log_every: int = 20  # steps between loss/lr/throughput logs
+    eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
+    num_logged_images: int = 4  # val images drawn with predicted and true boxes into MLflow
+    # COCOeval of every evaluation but the last in a Ray task while training goes on; the val metrics and the
+    # checkpoint are reported when it is done (pipelines/training/background_eval.py). false: the ranks wait
+    background_eval: bool = True
+    eval_task_cpus: float = 0.0  # CPUs the scoring task reserves (0: it shares the cores the workers hold)
+
+    def check(self) -> None:
+        """The recipe's range rules; ConfigError naming the key."""
+        require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        check_lr(self.base_lr, "train.base_lr")
+        require(self.base_batch_size >= 1, "train.base_batch_size", "must be >= 1")
+        require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        require(self.optimizer in ("sgd", "adamw"), "train.optimizer", "must be sgd or adamw")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+        require(0 < self.warmup_factor <= 1, "train.warmup_factor", "must be in (0, 1]")
+        require(self.lr_steps == sorted(self.lr_steps), "train.lr_steps", "must be increasing")
+        require(all(s >= 1 for s in self.lr_steps), "train.lr_steps", "must be >= 1 (iterations)")
+        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(self.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
+        require(self.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")
+        require(self.eval_task_cpus >= 0, "train.eval_task_cpus", "must be >= 0")
 
 
 @dataclass

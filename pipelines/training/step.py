@@ -16,7 +16,7 @@ from torch import nn
 
 from pipelines.training.checkpoint import TrainState
 from pipelines.training.optim import WarmupMultiStepLR, build_optimizer
-from retina.config import TrainConfig
+from pipelines.training.settings import TrainConfig
 from retina.model import RetinaNet
 
 

@@ -1,5 +1,6 @@
-"""The run config of a training job (`pipelines.config.Config`): the library's sections composed with scaling, run
-and tracking, the shipped configs, and clear errors for bad keys and values, also across sections."""
+"""The run config of a training job (`pipelines.config.Config`): every layer's sections composed (model, data,
+train, scaling, run, tracking), the paper's defaults, the shipped configs, and clear errors for bad keys and values,
+also across sections."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import Config, ConfigError, config_from_dict, load_config
-from retina.config import flatten, to_dict
+from retina.typed_config import flatten, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -19,6 +20,25 @@ def test_defaults_compose_every_section():
     assert cfg.data.batch_size == 16 and cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
     assert cfg.run.num_to_keep >= 1 and cfg.tracking.tracking_uri == ""
     cfg.check()  # the defaults pass their own rules
+
+
+def test_defaults_are_the_paper_recipe():
+    t, d = Config().train, Config().data
+    assert (t.base_lr, t.base_batch_size, d.batch_size) == (0.01, 16, 16)
+    assert (t.momentum, t.weight_decay) == (0.9, 1e-4)
+    assert t.max_steps == 90_000 and t.lr_steps == [60_000, 80_000] and t.lr_gamma == 0.1
+
+
+def test_each_section_checks_its_own_rules():
+    from pipelines.data.settings import DataConfig
+    from pipelines.training.settings import TrainConfig, check_lr
+
+    with pytest.raises(ConfigError, match="data.flip_prob"):
+        DataConfig(flip_prob=2.0).check()
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        TrainConfig(optimizer="adam").check()
+    with pytest.raises(ConfigError, match="k: the learning rate must be a finite number > 0"):
+        check_lr(float("inf"), "k")
 
 
 @pytest.mark.parametrize("name", ["smoke", "demo", "coco_r50_1x"])

@@ -203,7 +203,7 @@ def test_datasets_from_config_follow_the_run_config(ray_local, dataset, tmp_path
     from pipelines.config import load_config
     from pipelines.data.datasets import TRAIN_TASK_BATCHES, datasets_from_config
     from pipelines.data.shards import check_shards
-    from retina.config import ConfigError
+    from retina.typed_config import ConfigError
 
     ann, images = dataset
     prepare(ann, images, tmp_path / "shards", rows_per_shard=4)

@@ -243,7 +243,7 @@ def test_finished_run_is_reported_again_and_changed_settings_are_refused(trained
     import dataclasses
 
     from pipelines.training.run import run_training
-    from retina.config import ConfigError
+    from retina.typed_config import ConfigError
 
     cfg, first = trained["cfg"], trained["outcome"]
     again = run_training(cfg)

@@ -21,7 +21,9 @@ from pipelines.training.checkpoint import (
     save_checkpoint,
 )
 from pipelines.training.optim import WarmupMultiStepLR, build_optimizer, lr_factor, scaled_lr
-from retina.config import ConfigError, ModelConfig, TrainConfig, to_dict
+from pipelines.training.settings import TrainConfig
+from retina.config import ModelConfig
+from retina.typed_config import ConfigError, to_dict
 
 
 def test_linear_scaling_rule():

@@ -11,8 +11,9 @@ from pipelines import names
 from pipelines.training.distributed import all_gather_objects, all_reduce, is_distributed
 from pipelines.training.metrics import MetricWindow
 from pipelines.training.optim import WarmupMultiStepLR, build_optimizer
+from pipelines.training.settings import TrainConfig
 from pipelines.training.step import LossModule, StepResult, TrainingParts, apply_update, autocast, forward_backward
-from retina.config import ModelConfig, TrainConfig
+from retina.config import ModelConfig
 from retina.model import build_retinanet
 
 

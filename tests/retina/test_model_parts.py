@@ -316,15 +316,15 @@ def test_scaled_resnet_keeps_torchvision_layout_and_scales_the_cost():
 
 
 def test_backbone_width_checks():
-    from retina.config import ConfigError, validate_model
+    from retina.typed_config import ConfigError
 
     cfg = ModelConfig(num_classes=2)
     cfg.backbone.name, cfg.backbone.width = "resnext101_32x8d", 32
     with pytest.raises(ConfigError, match="model.backbone.width"):
-        validate_model(cfg)
+        cfg.check()
     cfg.backbone.name, cfg.backbone.norm, cfg.backbone.width = "resnet18", "gn", 48
     with pytest.raises(ConfigError, match="multiple of 32"):
-        validate_model(cfg)
+        cfg.check()
     cfg.backbone.norm, cfg.backbone.width, cfg.backbone.fpn_channels = "bn", 32, 256  # C5 = 256 = FPN width
     with pytest.raises(ValueError, match="p6_input"):
         build_retinanet(cfg)

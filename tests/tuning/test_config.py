@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import Config
-from retina.config import ConfigError
+from retina.typed_config import ConfigError
 from tuning.config import (
     KINDS,
     SCHEDULERS,

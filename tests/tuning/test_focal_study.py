@@ -19,7 +19,7 @@ from ray.tune.search.variant_generator import generate_variants
 from pipelines import names
 from pipelines.config import load_config
 from pipelines.training.faults import Faults
-from retina.config import to_dict
+from retina.typed_config import to_dict
 from tuning import space
 from tuning.config import load_search_config
 from tuning.trial import TrialSetup, trial_config

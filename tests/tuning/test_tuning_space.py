@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.training.faults import Faults
-from retina.config import ConfigError
+from retina.typed_config import ConfigError
 from tuning import experiment, space
 from tuning.config import SearchConfig, load_search_config, validate_tuning
 from tuning.trial import TrialNamer, TrialSetup, trial_config, trial_number
