@@ -61,6 +61,15 @@ MLFLOW_NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI 
 VERSION_VAL_AP_TAG = "val_AP"  # on a registered model version: the val/AP of the checkpoint it was made from
 VERSION_RUN_ID_TAG = "mlflow_run_id"  # on a registered model version: the training run
 
+# pipelines/evaluate.py: its run's tags, and the tags it sets on the registered version it evaluated (beside
+# eval/AP ..., the metric names under EVAL_PREFIX)
+TASK_TAG = "retina.task"  # what a run is for; an evaluation run's value is EVALUATION_TASK
+EVALUATION_TASK = "evaluation"
+MODEL_LOAD_URI_TAG = "retina.model_load_uri"  # the model URI as loaded (an alias pinned to its version)
+TRAINING_RUN_ID_TAG = "retina.training_run_id"  # the run that trained the evaluated model
+VERSION_EVAL_RUN_ID_TAG = f"{EVAL_PREFIX}run_id"  # on the version: the evaluation run
+VERSION_EVAL_DATA_TAG = f"{EVAL_PREFIX}data"  # on the version: the shards it was evaluated on
+
 # Tune: one parent run per search, one child per trial
 TRIAL_ID_TAG = "retina.tune.trial_id"
 TRIAL_STATUS_TAG = "retina.tune.status"  # completed | stopped (ASHA) | failed; set when the trial ends
@@ -69,9 +78,16 @@ BEST_RUN_ID_TAG = "retina.tune.best_run_id"
 CHAMPION_TAG_PREFIX = "retina.champion."  # on the search's parent run: the alias decision (candidate, previous...)
 
 # ---------------------------------------------------------------------------------------------- artifacts
-# In a logged model's extra_files/: the state dict alone (it loads with torch.load(weights_only=True)), which with
-# config.json rebuilds the detector from this repository's code, no unpickling
-LOGGED_WEIGHTS_FILE = "weights.pt"
+MODEL_ARTIFACT_PATH = "model"  # the logged model's name in its run: runs:/<run_id>/model
+# The logged pyfunc model's one artifact: a folder with the weights-only state dict, config.json and
+# label_map.json (the files are retina.inference.bundle's), from which the model is rebuilt without unpickling
+MODEL_BUNDLE_ARTIFACT = "detector"
+LEGACY_BUNDLE_DIR = "extra_files"  # where models of the earlier mlflow.pytorch format keep the same three files
+EVAL_REPORT_ARTIFACT = "evaluation/report.json"  # an evaluation's numbers (training's and evaluate.py's)
+EVAL_COCOEVAL_ARTIFACT = "evaluation/cocoeval.txt"  # pycocotools' summary, the agnostic line, the confusion table
+LOSS_ANALYSIS_FIGURE_ARTIFACT = "loss_analysis/loss_concentration.png"  # evaluate.py --loss-analysis: two panels
+LOSS_ANALYSIS_TABLE_ARTIFACT = "loss_analysis/table.txt"  # the printed table
+LOSS_ANALYSIS_RESULT_ARTIFACT = "loss_analysis/result.json"  # counts, totals, shares, curves
 
 # ---------------------------------------------------------------------------------------------- result keys
 NONFINITE_KEY = "nonfinite"  # in the dict a worker's train_func returns when the loss diverged

@@ -4,7 +4,8 @@
 How it runs: the driver only lists file names; Ray tasks read the bytes, decode and resize each image (a file
 that fails is marked, not raised, so the other images of its block survive); a pool of actors, each holding
 the model once (on a GPU when the cluster has them), predicts batches; the driver streams the small results
-into the JSON files. Image ids are 1..N in sorted file-name order.
+into the JSON files. Image ids are 1..N in sorted file-name order. Decoding, resizing and predicting are the
+prediction core's (`retina.inference`), the same steps as `load_model(...).predict` and the MLflow pyfunc model.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import ray
 from cluster import s3
 from cluster.connect import connect_ray
 from pipelines import console
-from pipelines.inference.detector import Prepared, load_model, prepare
+from pipelines.inference.detector import load_model
 from pipelines.inference.loading import ModelSource, resolve_model
 from retina.data.coco import LabelMap
 from retina.data.transforms import decode_image
+from retina.inference.images import Prepared, prepare_encoded
 
 logger = logging.getLogger("retina.predict")
 
@@ -74,9 +76,9 @@ def list_images(root: str, settings: s3.S3Settings | None = None) -> list[tuple[
 def decode_rows(batch: dict[str, np.ndarray], *, settings, min_size: int, max_size: int, keep_bytes: bool):
     """map_batches task: read + decode + resize each file. A failure marks its row (``error``); it never raises,
     so one bad file cannot take its block's other images with it ."""
-    from retina.config import InputConfig, ModelConfig
+    from retina.config import InputConfig
 
-    cfg = ModelConfig(input=InputConfig(min_size=min_size, max_size=max_size))
+    input_cfg = InputConfig(min_size=min_size, max_size=max_size)
     out: dict[str, list[Any]] = {
         k: [] for k in ("image_id", "file_name", "error", "image", "image_size", "orig_size", "data")
     }
@@ -85,7 +87,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, settings, min_size: int, max_si
         image, size, orig, error, data = np.zeros((1, 1, 3), np.uint8), (1, 1), (0, 0), "", b""
         try:
             data = s3.read_bytes(path, settings)
-            p = prepare(decode_image(data, name).image, cfg)
+            p = prepare_encoded(data, name, input_cfg)
             image, size, orig = p.image, p.image_size, p.orig_size
         except Exception as exc:  # unreadable or undecodable: counted and listed by the driver
             error = f"{type(exc).__name__}: {exc}"
@@ -107,7 +109,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, settings, min_size: int, max_si
     }
 
 
-class Predictor:
+class PredictActor:
     """map_batches actor: loads the model once, predicts whole batches, optionally renders and writes images."""
 
     def __init__(
@@ -127,15 +129,17 @@ class Predictor:
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = [i for i, e in enumerate(batch["error"]) if not e]
-        items = [
-            Prepared(np.asarray(batch["image"][i]), tuple(batch["image_size"][i]), tuple(batch["orig_size"][i]))
-            for i in ok
+        n = len(batch["image_id"])
+        items = [  # None for a row whose file could not be read or decoded: the core skips it
+            None
+            if batch["error"][i]
+            else Prepared(np.asarray(batch["image"][i]), tuple(batch["image_size"][i]), tuple(batch["orig_size"][i]))
+            for i in range(n)
         ]
-        dets = dict(zip(ok, self.detector.predict_prepared(items), strict=True))
+        dets = self.detector.predictor.predict(items, batch_size=n)  # the Ray batch is the model's batch
         detections, rendered = [], []
-        for i in range(len(batch["image_id"])):
-            det = dets.get(i)
+        for i in range(n):
+            det = dets[i]
             detections.append(json.dumps(_coco_results(int(batch["image_id"][i]), det)) if det else "[]")
             path = ""
             if det is not None and self.render_root is not None:
@@ -251,7 +255,7 @@ def build_pipeline(
     )
     resources, actor_device = _compute(num_actors, device)
     return ds.map_batches(
-        Predictor,
+        PredictActor,
         batch_size=batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={

@@ -157,10 +157,10 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
         _experiment_id(client, detector, experiment),
         run_name=f"evaluate {src.registered_name}-v{src.version}" if src.registered_name else "evaluate",
         tags={
-            "retina.task": "evaluation",
+            names.TASK_TAG: names.EVALUATION_TASK,
             names.MODEL_URI_TAG: src.uri,
-            "retina.model_load_uri": src.load_uri,
-            **({"retina.training_run_id": src.run_id} if src.run_id else {}),
+            names.MODEL_LOAD_URI_TAG: src.load_uri,
+            **({names.TRAINING_RUN_ID_TAG: src.run_id} if src.run_id else {}),
         },
     )
     run_id = run.info.run_id
@@ -184,10 +184,10 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         log_metric_batch(client, run_id, metrics)
         report = {k: v for k, v in evaluation.__dict__.items() if k not in ("report", "run_id", "loss_analysis")}
-        client.log_dict(run_id, report, "evaluation/report.json")
+        client.log_dict(run_id, report, names.EVAL_REPORT_ARTIFACT)
         text = "\n".join([evaluation.report, agnostic_line(evaluation.agnostic, evaluation.metrics),
                           confusion_table(evaluation.confusion)])  # fmt: skip
-        client.log_text(run_id, text, "evaluation/cocoeval.txt")
+        client.log_text(run_id, text, names.EVAL_COCOEVAL_ARTIFACT)
         if evaluation.loss_analysis is not None:
             log_loss_analysis(client, run_id, evaluation.loss_analysis)
         if src.registered_name and src.version:
@@ -195,8 +195,8 @@ def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str
                 client.set_model_version_tag(
                     src.registered_name, src.version, f"{names.EVAL_PREFIX}{k}", repr(float(v))
                 )
-            client.set_model_version_tag(src.registered_name, src.version, "eval/run_id", run_id)
-            client.set_model_version_tag(src.registered_name, src.version, "eval/data", evaluation.data)
+            client.set_model_version_tag(src.registered_name, src.version, names.VERSION_EVAL_RUN_ID_TAG, run_id)
+            client.set_model_version_tag(src.registered_name, src.version, names.VERSION_EVAL_DATA_TAG, evaluation.data)
     return run_id
 
 

@@ -4,16 +4,15 @@ URIs: models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>, runs:/<run_i
 directory holding state.pt (local or s3://). An alias is pinned to its version when resolved, so a batch job's
 actors all load the same model even if the alias moves meanwhile.
 
-MLflow models are rebuilt from their weights (``extra_files/weights.pt``, loaded with ``weights_only=True``) and
-their config by this repository's code: loading one runs no pickle, also with MLFLOW_ALLOW_PICKLE_DESERIALIZATION
-=false. (Models logged before the weights travelled beside them fall back to MLflow's pickle loader: load those
-only from a registry you trust.) Checkpoints load with ``torch.load(weights_only=True)``
-(pipelines/training/checkpoint.py).
+Nothing is unpickled, also not with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false: an MLflow model is rebuilt by
+`retina.inference.bundle` from the weights-only state dict, config and label map it carries (the pyfunc model's
+artifact; models logged in the earlier mlflow.pytorch format carry the same files under ``extra_files/``), and a
+checkpoint loads with ``torch.load(weights_only=True)`` (pipelines/training/checkpoint.py). Models logged before
+the weights travelled beside the pickled module are refused with a message that says so.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -21,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cluster import s3
-from pipelines.names import LOGGED_WEIGHTS_FILE
+from pipelines import names
 from pipelines.tracking.store import resolve_tracking_uri
-from pipelines.training.checkpoint import STATE_FILE, CheckpointError, TrainState, load_checkpoint, model_from_state
-from retina.config import ConfigError, ModelConfig
+from pipelines.training.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, model_from_state
+from retina.config import ConfigError
 from retina.data.coco import LabelMap
-from retina.model import RetinaNet
+from retina.inference.bundle import FILES, Bundle, BundleError, is_bundle, read_bundle
 
 
 class ModelLoadError(RuntimeError):
@@ -135,13 +132,6 @@ def _resolve_mlflow(uri: str, tracking_uri: str) -> ModelSource:
 # ------------------------------------------------------------------------------------------------ load
 
 
-@dataclass
-class LoadedModel:
-    model: RetinaNet
-    label_map: LabelMap
-    train_config: dict[str, Any]  # the training run's config (data.val_batch_size ...); {} when unknown
-
-
 def _label_map_from(entries: Any, where: str) -> LabelMap:
     try:
         return LabelMap.from_json(entries)
@@ -149,7 +139,7 @@ def _label_map_from(entries: Any, where: str) -> LabelMap:
         raise ModelLoadError(f"{where}: unreadable label map: {exc}") from None
 
 
-def _load_checkpoint(source: ModelSource, settings: s3.S3Settings | None) -> LoadedModel:
+def _load_checkpoint(source: ModelSource, settings: s3.S3Settings | None) -> Bundle:
     try:
         if s3.is_s3(source.load_uri):
             with tempfile.TemporaryDirectory() as tmp:
@@ -161,12 +151,24 @@ def _load_checkpoint(source: ModelSource, settings: s3.S3Settings | None) -> Loa
         model = model_from_state(state)
     except (CheckpointError, ConfigError, OSError) as exc:
         raise ModelLoadError(f"model {source.uri!r}: loading the checkpoint failed: {exc}") from None
-    return LoadedModel(model, _label_map_from(state.label_map, source.uri), state.config)
+    return Bundle(model, _label_map_from(state.label_map, source.uri), state.config)
 
 
-def _load_mlflow(source: ModelSource) -> LoadedModel:
-    """The logged model's weights rebuilt into a RetinaNet from its config (no unpickling); a model logged before
-    the weights travelled beside it falls back to MLflow's pickle loader."""
+def bundle_dir(model_dir: Path) -> Path | None:
+    """Where a downloaded MLflow model keeps its weights-only bundle: the pyfunc model's artifact, else (the earlier
+    mlflow.pytorch format) ``extra_files/``; None when it has neither (a pickle-only model)."""
+    from mlflow.models import Model
+
+    artifacts = Model.load(model_dir).flavors.get("python_function", {}).get("artifacts", {})
+    entry = artifacts.get(names.MODEL_BUNDLE_ARTIFACT)
+    for candidate in ([model_dir / entry["path"]] if entry else []) + [model_dir / names.LEGACY_BUNDLE_DIR]:
+        if is_bundle(candidate):
+            return candidate
+    return None
+
+
+def _load_mlflow(source: ModelSource) -> Bundle:
+    """The logged model's bundle rebuilt into a RetinaNet of this repository's code (no unpickling)."""
     # MLflow draws a progress bar per artifact file (a model has dozens); a notebook user asked for a model, not that
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
@@ -176,47 +178,24 @@ def _load_mlflow(source: ModelSource) -> LoadedModel:
     mlflow.set_tracking_uri(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            # one download gives the model directory with its extra files (weights, config, label map)
-            extra = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.load_uri, dst_path=tmp), "extra_files")
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.load_uri, dst_path=tmp))
         except MlflowException as exc:
             raise _mlflow_error(source.uri, "download of the MLflow model", exc) from None
-        config = json.loads((extra / "config.json").read_text()) if (extra / "config.json").exists() else {}
-        entries = json.loads((extra / "label_map.json").read_text()) if (extra / "label_map.json").exists() else None
-        if (extra / LOGGED_WEIGHTS_FILE).exists() and config:
-            model = _rebuild(source, config, extra / LOGGED_WEIGHTS_FILE)
-        else:
-            model = _unpickle(source, extra.parent)
-            entries = getattr(model, "label_map", None) or entries
-    if entries is None:
-        raise ModelLoadError(f"model {source.uri!r}: carries no label map (label_map.json / model.label_map)")
-    return LoadedModel(model, _label_map_from(entries, source.uri), config)
+        found = bundle_dir(local)
+        if found is None:
+            raise ModelLoadError(
+                f"model {source.uri!r}: carries no weights-only bundle ({', '.join(FILES)}): it was logged before "
+                "the weights travelled beside its pickled module, and this loader runs no pickle. Load the training "
+                "run's checkpoint directory instead, or that model with mlflow.pytorch.load_model from a registry "
+                "you trust."
+            )
+        try:
+            return read_bundle(found)
+        except BundleError as exc:
+            raise ModelLoadError(f"model {source.uri!r}: {exc}") from None
 
 
-def _rebuild(source: ModelSource, config: dict[str, Any], weights: Path) -> RetinaNet:
-    """config.json's model section → RetinaNet (this repository's code) with the state dict loaded weights-only."""
-    try:
-        state = TrainState(step=0, epoch=0, config=config, label_map=[],
-                           model=torch.load(weights, map_location="cpu", weights_only=True))  # fmt: skip
-        return model_from_state(state)
-    except (CheckpointError, ConfigError, OSError, RuntimeError) as exc:
-        raise ModelLoadError(f"model {source.uri!r}: rebuilding it from {LOGGED_WEIGHTS_FILE} failed: {exc}") from None
-
-
-def _unpickle(source: ModelSource, local: Path) -> RetinaNet:
-    """A model logged without weights.pt: the pickled module itself (runs pickle: trusted registries only)."""
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
-    except MlflowException as exc:
-        raise _mlflow_error(source.uri, "load of the MLflow model", exc) from None
-    if not isinstance(getattr(model, "cfg", None), ModelConfig) or not hasattr(model, "predict_batch"):
-        raise ModelLoadError(f"model {source.uri!r}: not a retina RetinaNet (got {type(model).__name__})")
-    return model
-
-
-def load_source(source: ModelSource, s3_settings: s3.S3Settings | None = None) -> LoadedModel:
+def load_source(source: ModelSource, s3_settings: s3.S3Settings | None = None) -> Bundle:
     """Weights, label map and training config for a resolved source (in eval mode, on CPU).
 
     `s3_settings`: how to reach an s3:// checkpoint (Ray workers may not share the driver's environment).

@@ -22,11 +22,6 @@ from typing import Any
 from pipelines import names
 from retina.analysis import LossConcentrationResult, format_table, loss_concentration_figure
 
-ARTIFACT_DIR = "loss_analysis"
-FIGURE_FILE = f"{ARTIFACT_DIR}/loss_concentration.png"
-TABLE_FILE = f"{ARTIFACT_DIR}/table.txt"
-RESULT_FILE = f"{ARTIFACT_DIR}/result.json"
-
 
 def loss_analysis_metrics(result: LossConcentrationResult) -> dict[str, float]:
     """The shares as MLflow metrics (a curve without anchors, e.g. no positives, gives no metric) and the counts."""
@@ -61,8 +56,8 @@ def log_loss_analysis(client: Any, run_id: str, result: LossConcentrationResult)
     from pipelines.tracking.store import log_metric_batch
 
     fig = loss_concentration_figure(result)
-    client.log_figure(run_id, fig, FIGURE_FILE)
-    client.log_text(run_id, describe(result), TABLE_FILE)
-    client.log_dict(run_id, result.to_dict(), RESULT_FILE)
+    client.log_figure(run_id, fig, names.LOSS_ANALYSIS_FIGURE_ARTIFACT)
+    client.log_text(run_id, describe(result), names.LOSS_ANALYSIS_TABLE_ARTIFACT)
+    client.log_dict(run_id, result.to_dict(), names.LOSS_ANALYSIS_RESULT_ARTIFACT)
     now = int(time.time() * 1000)
     log_metric_batch(client, run_id, [Metric(k, v, now, 0) for k, v in loss_analysis_metrics(result).items()])

@@ -1,26 +1,23 @@
-"""Log the trained detector to MLflow as a PyTorch model, register it and point an alias at the new version.
+"""Log the trained detector to MLflow as a pyfunc model, register it and point an alias at the new version.
 
-The logged object is the `retina.model.RetinaNet` itself: it carries its `ModelConfig` (``model.cfg``, input
-resize and normalisation included), so ``mlflow.pytorch.load_model(uri)`` in a fresh process gives a detector
-that takes a list of (3, H, W) 0..1 images and returns boxes in their pixels. The label map travels twice:
-as ``model.label_map`` ([{"id", "name", "label"}], label → COCO category id) and as ``label_map.json`` beside
-the weights. The `retina` package is copied in (``code_paths``), so loading needs torch/torchvision, not the repo.
+The logged model is MLflow's models-from-code: its code is pipelines/inference/pyfunc_model.py (a `PythonModel`
+that MLflow executes when the model is loaded), its one artifact a weights-only bundle (`retina.inference.bundle`:
+``weights.pt``, a state dict, with ``config.json`` and ``label_map.json``), and the `retina` package travels with it
+(``code_paths``). Nothing is pickled, so every way of loading it runs no pickle:
 
-Beside the pickled module travel the weights alone (``weights.pt``, a state dict) and ``config.json``:
-`pipelines.inference.load_model` rebuilds the detector from those with ``weights_only=True``, so a team can load a
-model without trusting a pickle.
+- ``mlflow.pyfunc.load_model(uri).predict(df)`` and ``mlflow models serve -m uri``: a DataFrame with a binary
+  column ``image`` (encoded images) in, one row of detections per image out (the signature and input example say
+  so, batch first; MLflow runs the example through the serving path when the model is logged);
+- `pipelines.inference.load_model(uri)`: the same bundle rebuilt into a `Detector` (file paths, arrays, PIL images).
 
-The model's signature and input example describe that loading path: one RGB image in, as an (H, W, 3) uint8 array,
-and per image ``boxes``, ``scores``, ``labels``, ``category_ids`` and ``names`` out (`Detector.predict`). MLflow's
-generic pyfunc path cannot run this detector (the PyTorch flavor's wrapper feeds the model one tensor and expects one
-tensor back, the detector takes a list of images and returns detections per image); the model's description says so.
+Both run the prediction core of `retina.inference`, so they return the same detections for the same batches.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
-import json
-import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,18 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
-import numpy as np
+import mlflow.pyfunc
+import numpy
+import pandas
+import PIL
 import torch
 import torchvision
-from mlflow.models.signature import ModelSignature
+import yaml
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 from mlflow.utils import logging_utils
 
 import retina
-from pipelines.names import LOGGED_WEIGHTS_FILE, VERSION_RUN_ID_TAG, VERSION_VAL_AP_TAG
+from pipelines import names
+from pipelines.inference.pyfunc_model import input_example, signature
+from retina.inference.bundle import write_bundle
 from retina.model import RetinaNet
+
+# The model's code file, by path: MLflow copies it into the model and executes it when the model is loaded.
+PYFUNC_MODEL_FILE = importlib.util.find_spec("pipelines.inference.pyfunc_model").origin
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 @dataclass
@@ -53,80 +57,38 @@ class LoggedModel:
 
 
 def _requirements() -> list[str]:
-    # Explicit pins: MLflow's requirement inference would load the model in a subprocess (slow) to guess them.
-    import numpy
-    import PIL
-    import pycocotools  # noqa: F401  (retina.evaluation imports it)
-
+    # Explicit pins: MLflow's requirement inference would load the model in a subprocess (slow) to guess them. What
+    # the travelling code imports: torch, torchvision, numpy, PIL (retina), pandas (the pyfunc's frames), pyyaml
+    # (retina.typed_config), pycocotools (retina.evaluation, in the package though prediction never imports it).
     return [
+        f"mlflow=={mlflow.__version__}",
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
         f"numpy=={numpy.__version__}",
+        f"pandas=={pandas.__version__}",
         f"pillow=={PIL.__version__}",
+        f"pyyaml=={yaml.__version__}",
         "pycocotools",
-        "pyyaml",
     ]
 
 
-def signature() -> ModelSignature:
-    """What `pipelines.inference`'s ``Detector.predict`` takes and returns per image, as MLflow records it: an RGB
-    image (H, W, 3) uint8 → boxes (N, 4) x1, y1, x2, y2 in its pixels, scores (N,) descending, contiguous labels,
-    COCO category ids and class names. (The outputs are what ``mlflow.models.infer_signature`` makes of a real
-    detection; tests/pipelines/test_predict.py checks that they stay so.)"""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
-        outputs=Schema([
-            ColSpec(Array(Array("float")), "boxes"),
-            ColSpec(Array("float"), "scores"),
-            ColSpec(Array("long"), "labels"),
-            ColSpec(Array("long"), "category_ids"),
-            ColSpec(Array("string"), "names"),
-        ]),
-    )  # fmt: skip
-
-
-def input_example() -> np.ndarray:
-    """A small mid-grey RGB image, (16, 24, 3) uint8: the input's form (any size works; the model resizes it)."""
-    return np.full((16, 24, 3), 114, dtype=np.uint8)
-
-
-class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `prefixes`."""
-
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-# Where MLflow says something at logging time that is not for the user to act on:
-_EXPECTED_NOTICES = {
-    # the input example's serving check runs it through the pyfunc path, which cannot run this detector by design
-    # (the description says so and points at `load_model`); the warning would read as a failure of the logging
-    "mlflow.models.model": ("Failed to validate serving input example",),
-    # the pickle flavor is a deliberate choice (see log_and_register) next to the weights-only files that
-    # `load_model` uses; the warning recommends pt2, which cannot express detection outputs
-    "mlflow.pytorch": ("Saving pytorch model by Pickle",),
-}
-
-
 @contextmanager
-def _without_expected_notices() -> Iterator[None]:
-    """MLflow's expected warnings filtered, and its registration prints ("Successfully registered model",
-    "Created version") kept off the console: the training command prints the registered version itself."""
-    filters = {name: _DropMessages(*prefixes) for name, prefixes in _EXPECTED_NOTICES.items()}
-    for name, f in filters.items():
-        logging.getLogger(name).addFilter(f)
+def _quiet_logging() -> Iterator[None]:
+    """MLflow's registration prints ("Successfully registered model", "Created version") and its progress bars (it
+    copies the bundle, then reads the model back to check the input example) kept off the console: the training
+    command prints the registered version itself."""
     printed = logging_utils.MLFLOW_LOGGING_STREAM  # eprint() writes there at call time, not through logging
     logging_utils.MLFLOW_LOGGING_STREAM = io.StringIO()
+    bars = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"  # read at each download
     try:
         yield
     finally:
         logging_utils.MLFLOW_LOGGING_STREAM = printed
-        for name, f in filters.items():
-            logging.getLogger(name).removeFilter(f)
+        if bars is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = bars
 
 
 def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: float, uri: str) -> str:
@@ -142,21 +104,24 @@ def describe(config: dict[str, Any], label_map: list[dict[str, Any]], val_ap: fl
         f"prior π {m['head']['prior']:g}), trained for {t['max_steps']} steps on `{d['train_shards']}`; "
         f"val/AP {val_ap:.4f} on `{d['val_shards']}`.",
         "",
-        "Load it (needs this repository's packages; the tracking URI must point at this MLflow store):",
-        f"`from pipelines.inference import load_model; detector = load_model('{uri}')`, then "
-        "`detector.predict(['photo.jpg'])` → per image `boxes` (x1, y1, x2, y2 pixels), `scores`, `labels`, "
-        "`category_ids` (COCO ids) and `names`. It rebuilds the detector from `extra_files/weights.pt` and "
-        "`config.json` without unpickling anything.",
+        "Every way of loading it rebuilds the detector from its weights-only state dict and config; nothing is "
+        "unpickled (it loads with `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`). `MLFLOW_TRACKING_URI` must point at "
+        "this MLflow store.",
         "",
-        "The signature and input example describe that call for one image: in, an RGB image as an (H, W, 3) uint8 "
-        "array (`predict` also takes file paths, PIL images and (3, H, W) 0..1 tensors); out, `boxes`, `scores`, "
-        "`labels`, `category_ids` and `names`. MLflow's generic pyfunc path (`mlflow.pyfunc.load_model`, "
-        "`mlflow models serve`) cannot run this detector: the PyTorch flavor's wrapper feeds the model one "
-        "tensor and expects one tensor back, the detector takes a list of images and returns detections per image.",
+        f"- **pyfunc**: `mlflow.pyfunc.load_model('{uri}').predict(pandas.DataFrame({{'image': [jpeg_bytes, ...]}}))`"
+        " → one row per image, in order: `boxes` (N × [x1, y1, x2, y2] in the image's pixels), `scores`, `labels` "
+        "(0..K-1), `category_ids` (COCO ids), `names`, and `error` (\"\" when the image decoded). The signature and "
+        "input example describe this call: a binary column `image`, batch first.",
+        f"- **REST**: `mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001`, then `POST "
+        '/invocations` with `{"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ...]}}` → '
+        '`{"predictions": [{"boxes": ..., "scores": ..., ...}, ...]}`. A row that is not a readable image gets '
+        "empty detections and its `error`; a request without any readable image is answered with HTTP 400 naming "
+        "each row.",
+        f"- **this repository**: `from pipelines.inference import load_model; detector = load_model('{uri}')`, then "
+        "`detector.predict(['photo.jpg'])` (file paths, s3:// URIs, bytes, arrays, PIL images) → the same fields "
+        "per image as numpy arrays; `pipelines/predict.py` and `pipelines/evaluate.py` take the same URI.",
         "",
-        f"Or `mlflow.pytorch.load_model('{uri}')`: a pickled `retina.model.RetinaNet` (load it only from a "
-        "registry you trust); it returns contiguous labels 0..K-1, which map to COCO ids and names through its "
-        "`label_map` attribute and `extra_files/label_map.json`:",
+        "Labels 0..K-1 map to COCO ids and names as:",
         "",
         classes + more,
     ])  # fmt: skip
@@ -176,31 +141,20 @@ def log_and_register(
 ) -> LoggedModel:
     """Log `model` (eval mode, on CPU) into run `run_id`, register a new version, set the alias if earned."""
     model = model.cpu().eval()
-    model.label_map = [dict(c) for c in label_map]  # plain data: survives pickling into the MLflow model
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        label_file = Path(tmp) / "label_map.json"
-        label_file.write_text(json.dumps(label_map, indent=1))
-        config_file = Path(tmp) / "config.json"
-        config_file.write_text(json.dumps(config, indent=1, sort_keys=True))
-        # The weights alone (tensors only: they load with torch.load(weights_only=True)); with config.json they
-        # rebuild the detector from this repository's code, so loading never has to unpickle model.pth.
-        weights_file = Path(tmp) / LOGGED_WEIGHTS_FILE
-        torch.save(model.state_dict(), weights_file)
+        # the folder's name is the artifact's name inside the model (artifacts/<name>/), where load_model finds it
+        bundle = write_bundle(Path(tmp) / names.MODEL_BUNDLE_ARTIFACT, model, config, label_map)
         # start_run on an existing id attaches (the run's final status is set by the caller afterwards).
-        with mlflow.start_run(run_id=run_id), _without_expected_notices():
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                # pickle, not MLflow 3's default pt2 (torch.export): detection output sizes depend on the data
-                # (score threshold, NMS), which an exported static graph cannot express.
-                serialization_format="pickle",
+        with mlflow.start_run(run_id=run_id), _quiet_logging():
+            info = mlflow.pyfunc.log_model(
+                name=names.MODEL_ARTIFACT_PATH,
+                python_model=PYFUNC_MODEL_FILE,  # models-from-code: the file travels, not a pickled object
+                artifacts={names.MODEL_BUNDLE_ARTIFACT: str(bundle)},
                 code_paths=[str(Path(retina.__file__).parent)],
-                extra_files=[str(label_file), str(config_file), str(weights_file)],
                 pip_requirements=_requirements(),
-                # given, not inferred: inferring runs the example through pyfunc, which cannot run the detector
                 signature=signature(),
-                input_example=input_example(),
+                input_example=input_example(),  # MLflow runs it through the serving path here: a failure would warn
                 registered_model_name=registered_model_name,
                 metadata={"val_AP": val_ap, "label_map": label_map},
             )
@@ -208,8 +162,8 @@ def log_and_register(
     client = MlflowClient(tracking_uri)
     uri = f"models:/{registered_model_name}/{version}"
     client.update_model_version(registered_model_name, version, description=describe(config, label_map, val_ap, uri))
-    client.set_model_version_tag(registered_model_name, version, VERSION_VAL_AP_TAG, f"{val_ap:.4f}")
-    client.set_model_version_tag(registered_model_name, version, VERSION_RUN_ID_TAG, run_id)
+    client.set_model_version_tag(registered_model_name, version, names.VERSION_VAL_AP_TAG, f"{val_ap:.4f}")
+    client.set_model_version_tag(registered_model_name, version, names.VERSION_RUN_ID_TAG, run_id)
     alias_set = bool(alias) and val_ap >= alias_min_ap
     if alias_set:
         # one call moves the alias: consumers of models:/<name>@<alias> never see it missing

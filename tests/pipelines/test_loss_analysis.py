@@ -56,11 +56,12 @@ def test_logged_into_the_evaluation_run(tmp_path):
     result = _result()
     loss_analysis.log_loss_analysis(client, run_id, result)
     assert {a.path for a in client.list_artifacts(run_id, "loss_analysis")} == {
-        loss_analysis.FIGURE_FILE, loss_analysis.TABLE_FILE, loss_analysis.RESULT_FILE
+        names.LOSS_ANALYSIS_FIGURE_ARTIFACT, names.LOSS_ANALYSIS_TABLE_ARTIFACT, names.LOSS_ANALYSIS_RESULT_ARTIFACT
     }  # fmt: skip
-    numbers = json.loads((tmp_path / "artifacts" / run_id / "artifacts" / loss_analysis.RESULT_FILE).read_text())
+    logged_files = tmp_path / "artifacts" / run_id / "artifacts"
+    numbers = json.loads((logged_files / names.LOSS_ANALYSIS_RESULT_ARTIFACT).read_text())
     assert [g["gamma"] for g in numbers["per_gamma"]] == [0.0, 2.0] and numbers["num_ignored"] == 200
-    table = (tmp_path / "artifacts" / run_id / "artifacts" / loss_analysis.TABLE_FILE).read_text()
+    table = (logged_files / names.LOSS_ANALYSIS_TABLE_ARTIFACT).read_text()
     assert table == loss_analysis.describe(result) and "negatives (N=5680)" in table
     logged = client.get_run(run_id).data.metrics
     assert logged == pytest.approx(loss_analysis.loss_analysis_metrics(result))

@@ -300,22 +300,22 @@ def test_loss_analysis_of_the_trained_model_on_the_val_shards(trained):
 
 _FRESH_PROCESS = """
 import json, sys
-import mlflow.pytorch
+import mlflow.pyfunc
+import pandas as pd
 from pipelines.inference import load_model
-try:
-    mlflow.pytorch.load_model(sys.argv[1])  # the pickled module: refused with pickle deserialisation off
-    refused = False
-except Exception:
-    refused = True
+plain = lambda d: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in d.items()}
 detector = load_model(sys.argv[1])
-dets = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in d.items()} for d in detector.predict(sys.argv[2:])]
-print(json.dumps({"pickle_refused": refused, "detections": dets}))
+frame = pd.DataFrame({"image": [open(path, "rb").read() for path in sys.argv[2:]]})
+pyfunc = mlflow.pyfunc.load_model(sys.argv[1]).predict(frame)
+print(json.dumps({"load_model": [plain(d) for d in detector.predict(sys.argv[2:])],
+                  "pyfunc": [plain(r) for r in pyfunc.to_dict("records")]}))
 """
 
 
 def test_registered_model_loads_without_unpickling_and_matches_the_checkpoint(trained, tmp_path):
-    """In a fresh process with MLflow's pickle deserialisation off, the registered model loads (rebuilt from its
-    weights-only state dict and config) and detects exactly what its checkpoint detects."""
+    """In a fresh process with MLflow's pickle deserialisation off, the registered model loads both ways (load_model
+    and MLflow's pyfunc, each rebuilt from its weights-only state dict and config) and detects exactly what its
+    checkpoint detects."""
     from pipelines.inference import load_model
 
     images = sorted(str(p) for p in (trained.root / "data" / "val" / "images").glob("*.jpg"))[:3]
@@ -325,44 +325,43 @@ def test_registered_model_loads_without_unpickling_and_matches_the_checkpoint(tr
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["pickle_refused"], "MLflow loaded the pickled model: the check above would prove nothing"
-    assert len(out["detections"]) == len(expected)
-    for got, want in zip(out["detections"], expected, strict=True):
-        assert got["names"] == list(want["names"]) and got["category_ids"] == want["category_ids"].tolist()
-        np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
-        np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+    for way in ("load_model", "pyfunc"):
+        assert len(out[way]) == len(expected), way
+        for got, want in zip(out[way], expected, strict=True):
+            assert got["names"] == list(want["names"]) and got["category_ids"] == want["category_ids"].tolist()
+            np.testing.assert_allclose(np.reshape(got["boxes"], (-1, 4)), want["boxes"], atol=1e-3)
+            np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
 
 
-def test_logged_model_signature_and_input_example_describe_load_model(trained, tmp_path):
-    """The registered model's MLmodel carries a signature and an input example, and they describe what
-    `pipelines.inference.load_model` takes and returns: the example goes through `Detector.predict`, and MLflow infers
-    the logged output schema from a real detection. The description says how to load it and that MLflow's pyfunc
-    path cannot run it, which stays true."""
+def test_logged_model_signature_and_input_example_describe_the_pyfunc_call(trained, tmp_path):
+    """The registered model's MLmodel carries a batch-first signature and an input example, and they describe what
+    `mlflow.pyfunc.load_model(uri).predict` takes and returns: a DataFrame with a binary column of encoded images
+    in, one row of detections per image out (the logged output schema is what MLflow infers from a real answer).
+    The description says how to load it with pyfunc, serve it and load it with load_model."""
     import mlflow
     import mlflow.pyfunc
+    import pandas as pd
     from mlflow.models import Model, infer_signature
     from mlflow.tracking import MlflowClient
-
-    from pipelines.inference import load_model
+    from mlflow.types.schema import ColSpec, Schema
 
     uri = f"models:/{MODEL_NAME}/{trained.outcome.model.version}"
     mlflow.set_tracking_uri(trained.tracking_uri)
     info = mlflow.models.get_model_info(uri)
-    assert info.signature is not None and info.saved_input_example_info["type"] == "ndarray"
-    [image_spec] = info.signature.inputs.inputs
-    assert (image_spec.type, image_spec.shape) == (np.dtype(np.uint8), (-1, -1, 3))
+    assert info.signature.inputs == Schema([ColSpec("binary", "image")])
+    assert info.saved_input_example_info["type"] == "dataframe"
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
     example = Model.load(local).load_input_example(local)
-    assert example.dtype == np.uint8 and example.ndim == 3 and example.shape[2] == 3
+    assert list(example.columns) == ["image"] and isinstance(example["image"].iloc[0], bytes)
 
-    detector = load_model(uri, tracking_uri=trained.tracking_uri)
-    [from_example] = detector.predict(example)
-    assert set(from_example) == set(info.signature.outputs.input_names())
-    [det] = detector.predict(sorted(trained.images.glob("*.jpg"))[:1])
-    assert len(det["scores"]) > 0  # a score threshold of 0: the schema is inferred from real detections
-    assert infer_signature(example, det).outputs == info.signature.outputs
+    model = mlflow.pyfunc.load_model(local)
+    from_example = model.predict(example)
+    assert list(from_example.columns) == info.signature.outputs.input_names() and len(from_example) == 1
+    images = [p.read_bytes() for p in sorted(trained.images.glob("*.jpg"))[:2]]
+    answer = model.predict(pd.DataFrame({"image": images}))
+    assert all(len(s) > 0 for s in answer["scores"])  # a score threshold of 0: the schema is inferred from detections
+    assert infer_signature(example, answer).outputs == info.signature.outputs
 
     description = MlflowClient(trained.tracking_uri).get_model_version(MODEL_NAME, trained.outcome.model.version)
-    assert f"load_model('{uri}')" in description.description and "mlflow.pyfunc" in description.description
-    with pytest.raises(ValueError, match=r"expected a \(3, H, W\) tensor"):  # the pyfunc path, as described
-        mlflow.pyfunc.load_model(local).predict(example)
+    for usage in (f"mlflow.pyfunc.load_model('{uri}')", f"mlflow models serve -m {uri}", f"load_model('{uri}')"):
+        assert usage in description.description, usage
