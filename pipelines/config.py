@@ -31,6 +31,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    @property
+    def per_worker_batch(self) -> int:
+        """Images per worker and step: the full group's share of data.batch_size, kept when an elastic run has
+        fewer workers (its global batch shrinks with it; docs/cluster.md)."""
+        return self.data.batch_size // self.scaling.num_workers
+
     def check(self) -> None:
         """Every section's range rules, then the rules that span sections; ConfigError naming the key."""
         for section in (self.model, self.data, self.train, self.scaling, self.run, self.tracking):

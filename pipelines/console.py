@@ -11,7 +11,6 @@ every few seconds and prints one line per twentieth of the run and one per evalu
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -89,11 +88,7 @@ def duration(seconds: float) -> str:
 @dataclass
 class Plan:
     max_steps: int
-    steps_per_epoch: int  # with the full group; an elastic run's smaller groups take more
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.max_steps / max(1, self.steps_per_epoch))
+    epochs: int  # with the full group (`TrainPlan.epochs`); an elastic run's smaller groups take more
 
 
 class TrainingProgress(threading.Thread):

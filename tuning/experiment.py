@@ -28,7 +28,7 @@ from pipelines.tracking import store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
-from pipelines.training.run import prepare_run, steps_per_epoch
+from pipelines.training.run import Prepared, prepare_run
 from pipelines.training.trainer import read_checkpoint
 from retina.typed_config import flatten, to_dict
 from tuning import results as res
@@ -71,11 +71,6 @@ def with_search_defaults(cfg: SearchConfig) -> SearchConfig:
     storage = absolute(t.storage_path or cfg.run.storage_path)
     tuning = dataclasses.replace(t, name=t.name or f"{cfg.run.name}_search", storage_path=storage)
     return dataclasses.replace(cfg, tuning=tuning)
-
-
-def expected_epochs(cfg: SearchConfig) -> int:
-    """Epochs a full trial runs: train.max_steps over the steps of one pass of the train split."""
-    return math.ceil(cfg.train.max_steps / steps_per_epoch(cfg))
 
 
 def build_scheduler(cfg: SearchConfig, epochs: int) -> TrialScheduler | None:
@@ -221,7 +216,8 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
     """The whole search: checks, parent MLflow run, Tune (new or restored), table, registration, champion."""
     started = time.time()
     console.quiet_libraries()  # Optuna (imported with tuning.space) set its logger to INFO: "A new study created"
-    cfg, labels = prepare_run(with_search_defaults(cfg))
+    run = prepare_run(with_search_defaults(cfg))
+    cfg = run.config
     t = cfg.tuning
     storage, filesystem, display = storage_location(t.storage_path)
     experiment_display = s3.join(display, t.name)
@@ -233,8 +229,8 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
     with store.tracked_run(tracking_uri, parent_id) as status:
         if config_path:
             MlflowClient(tracking_uri).log_artifact(parent_id, config_path, "config")
-        setup = TrialSetup(cfg, s3.join(experiment_display, "trials"), tracking_uri, cfg.tracking.experiment,
-                           parent_id, labels, Faults.from_env())  # fmt: skip
+        setup = TrialSetup(run, s3.join(experiment_display, "trials"), tracking_uri, cfg.tracking.experiment,
+                           parent_id, Faults.from_env())  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, setup=setup), {"CPU": t.driver_cpus, **t.driver_resources}
         )
@@ -244,7 +240,7 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=resume_errored,
                                        storage_filesystem=filesystem)  # fmt: skip
         else:
-            tuner = _new_tuner(cfg, trainable, storage, filesystem, parent_id, tracking_uri)
+            tuner = _new_tuner(run, trainable, storage, filesystem, parent_id, tracking_uri)
         configure(tuner, trial_lines(cfg, experiment_display), console.is_verbose())
         with tune_output(console.is_verbose()):
             tuner.fit()
@@ -297,15 +293,16 @@ def _register_best_trial(
 
 
 def _new_tuner(
-    cfg: SearchConfig, trainable: Any, storage: str, filesystem: Any, parent_id: str, tracking_uri: str
+    run: Prepared, trainable: Any, storage: str, filesystem: Any, parent_id: str, tracking_uri: str
 ) -> tune.Tuner:
+    cfg = run.config
     t = cfg.tuning
     grid = t.search_alg == "grid"
     num_trials = grid_size(t) if grid else t.num_samples
     if grid and t.num_samples != num_trials:
         logger.info("grid search: %d trials (one per grid point; tuning.num_samples is not used)", num_trials)
     concurrency = max_concurrent(cfg, ray.cluster_resources(), num_trials)
-    epochs = expected_epochs(cfg)
+    epochs = run.epochs()
     logger.info("search %s: %d trial(s), %d at a time, %d epoch(s) each, %s + %s", t.name, num_trials, concurrency,
                 epochs, t.search_alg, t.scheduler)  # fmt: skip
     return tune.Tuner(

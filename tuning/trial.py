@@ -31,7 +31,7 @@ from pipelines import names
 from pipelines.config import Config
 from pipelines.tracking import store
 from pipelines.training.faults import Faults
-from pipelines.training.run import fit
+from pipelines.training.run import Prepared, fit
 from pipelines.training.trainer import best_checkpoint
 from retina.typed_config import flatten, to_dict
 from tuning.space import METRIC, apply_hyperparameters
@@ -43,12 +43,11 @@ logger = logging.getLogger("retina.tune")
 class TrialSetup:
     """What every trial shares; handed to the trials through `tune.with_parameters` (the object store)."""
 
-    base: Config  # the search's config, local paths absolute (trials run in other directories)
+    run: Prepared  # the search's config (local paths absolute: trials run in other directories) and its data
     trials_dir: str  # Train runs of the trials: <trials_dir>/<trial id> (local path or s3://)
     tracking_uri: str
     experiment: str
     parent_run_id: str
-    label_map: list[dict[str, Any]]
     faults: Faults  # test-only fault injection (pipelines/training/faults.py), read once by the search driver
 
 
@@ -108,7 +107,7 @@ class EvaluationReport(TuneReportCallback):
 
 def trial_config(setup: TrialSetup, params: dict[str, Any], trial_name: str) -> Config:
     """The trial's training config: its hyperparameters, its own Train run name and folder."""
-    cfg = apply_hyperparameters(setup.base, params)
+    cfg = apply_hyperparameters(setup.run.config, params)
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_name, storage_path=setup.trials_dir))
 
 
@@ -136,7 +135,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     logger.info("%s%s: %s (MLflow run %s)", name, " (resumed)" if resumed else "", params, run_id)
     with store.tracked_run(setup.tracking_uri, run_id, failure_tags={names.TRIAL_STATUS_TAG: "failed"}) as status:
         # The callback must be created here, inside the Tune session: it forwards rank 0's reports to Tune.
-        result = fit(cfg, setup.tracking_uri, run_id, setup.label_map,
+        result = fit(setup.run, cfg, setup.tracking_uri, run_id,
                      faults=setup.faults.for_trial(trial_number(name)), callbacks=[EvaluationReport()])  # fmt: skip
         final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         if METRIC not in final:

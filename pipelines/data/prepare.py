@@ -39,13 +39,12 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster import s3
-from pipelines.data.shards import MANIFEST
+from pipelines.data.shards import FORMAT, MANIFEST, load_manifest
 from retina.data.coco import DataError, Issue, ParsedCoco, parse_coco
 from retina.data.transforms import ImageDecodeError, decode_image
 
 logger = logging.getLogger("retina.prepare_data")
 
-FORMAT = "retina-shards/1"
 
 # The shard schema of docs/data.md, plus `crowd_labels` (the class of each crowd region: COCOeval ignores crowd
 # regions per class, so evaluation needs it to reproduce the source annotations exactly).
@@ -177,18 +176,6 @@ def _data_context():
         ctx.execution_options.preserve_order, ctx.raise_original_map_exception = old
 
 
-def read_manifest(output: str, settings: s3.S3Settings | None = None) -> dict[str, Any] | None:
-    """The manifest under `output`, or None when there is none."""
-    try:
-        raw = s3.read_bytes(s3.join(output, MANIFEST), settings)
-    except FileNotFoundError:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{s3.join(output, MANIFEST)}: malformed manifest: {exc}") from None
-
-
 def _issue_counts(issues: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(i["kind"] for i in issues).items()))
 
@@ -235,7 +222,7 @@ def _read_annotations(annotations: str, settings: s3.S3Settings | None) -> Parse
 
 def _new_run(output: str, settings: s3.S3Settings | None, overwrite: bool) -> tuple[dict[str, Any] | None, str]:
     """(the manifest already under `output` or None, a fresh run id); refuses to replace prepared data silently."""
-    previous = read_manifest(output, settings)
+    previous = load_manifest(output, settings, missing_ok=True, any_format=overwrite)
     if previous is not None and not overwrite:
         raise DataError(
             f"{output} already holds prepared data (run {previous.get('run_id')}, "

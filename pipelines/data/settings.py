@@ -22,13 +22,9 @@ class DataConfig:
     batch_size: int = 16  # global images per step, split across workers
     val_batch_size: int = 8  # per worker
     synthetic_val_images: int = 0  # size of the generated val split (its own seed: synthetic_seed + 1)
-    # rows: an exact random_shuffle of the train rows every epoch (an all-to-all barrier at each epoch start);
-    # files: a new shard order every epoch, rows permuted within each decode task of 8 batches (streamed, no
-    # barrier; mixing is only as fine as the shards: prepare with a smaller --rows-per-shard for small datasets)
-    shuffle: str = "rows"
-    # with shuffle "files": one Ray Data execution streams every epoch of the run, so the next epoch's first batches
-    # are decoded while the current one ends; false: a new execution per epoch (an idle pipeline at each start)
-    stream_epochs: bool = True
+    # every epoch a new shard order and rows permuted within each decode task (pipelines/data/plan.py); false:
+    # the same order every epoch (shards by first image id, rows as stored)
+    shuffle: bool = True
 
     def check(self) -> None:
         """The data section's range rules; ConfigError naming the key."""
@@ -37,4 +33,3 @@ class DataConfig:
         require(all(s > 0 for s in self.train_min_sizes), "data.train_min_sizes", "must be > 0")
         require(self.synthetic_images >= 0, "data.synthetic_images", "must be >= 0")
         require(self.synthetic_val_images >= 0, "data.synthetic_val_images", "must be >= 0")
-        require(self.shuffle in ("rows", "files"), "data.shuffle", "must be rows or files")

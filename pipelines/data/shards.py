@@ -11,28 +11,41 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from cluster import s3
+from pipelines.data.plan import Shard, ShardIndex
 from retina.data.coco import DataError, LabelMap, coco_gt_from_rows
 
 MANIFEST = "manifest.json"
+FORMAT = "retina-shards/1"  # the manifest and shard layout this version writes and reads
 META_COLUMNS = ["image_id", "file_name", "height", "width", "boxes", "labels", "crowd_boxes", "crowd_labels"]
 
 
 # ------------------------------------------------------------------------------------------------ manifest
 
 
-def load_manifest(location: str, settings: s3.S3Settings | None = None) -> dict[str, Any]:
-    """The manifest of a prepared shard folder; DataError naming the path when it is missing or malformed."""
+def load_manifest(
+    location: str, settings: s3.S3Settings | None = None, *, missing_ok: bool = False, any_format: bool = False
+) -> dict[str, Any] | None:
+    """The manifest of a prepared shard folder, checked to be of this version's `FORMAT`; DataError naming the path
+    when it is missing (None instead with `missing_ok`), malformed, of another format (unless `any_format`: a
+    prepare run about to replace it) or lists no shards."""
     path = s3.join(location, MANIFEST)
     try:
         manifest = json.loads(s3.read_bytes(path, settings))
     except FileNotFoundError:
+        if missing_ok:
+            return None
         raise DataError(f"{path}: no manifest; run pipelines/prepare_data.py for this folder first") from None
     except ValueError as exc:
         raise DataError(f"{path}: malformed manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: malformed manifest: not a mapping")
+    if manifest.get("format") != FORMAT and not any_format:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT!r}; prepare the "
+                        "data again (pipelines/prepare_data.py --overwrite)")  # fmt: skip
     if not manifest.get("shards"):
         raise DataError(f"{path}: the manifest lists no shards")
     return manifest
@@ -52,60 +65,47 @@ def settings_for(location: str) -> s3.S3Settings | None:
     return s3.S3Settings.from_env() if s3.is_s3(location) else None
 
 
-def pass_order(paths: Sequence[str], passes: int, seed: int | None) -> list[str]:
-    """`passes` passes over `paths` back to back, each in a new order drawn from (seed, pass), or as listed when
-    `seed` is None: one Dataset execution then streams several epochs with no restart between them."""
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    if seed is None:
-        return list(paths) * passes
-    return [paths[i] for p in range(passes) for i in np.random.default_rng((seed, p)).permutation(len(paths))]
+def _read_columns(path: str, columns: Sequence[str], settings: s3.S3Settings | None) -> pa.Table:
+    fs, inner = s3.arrow_filesystem(path, settings)
+    try:
+        with fs.open_input_file(inner) as f:
+            return pq.read_table(f, columns=list(columns))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read shard: {exc}") from None
 
 
-def read_shards(
-    location: str,
-    columns: Sequence[str] | None = None,
-    passes: int = 1,
-    seed: int | None = None,
-    read_tasks: int | None = None,
-    block_rows: int | None = None,
-    **read_kwargs: Any,
-) -> ray.data.Dataset:
-    """The listed shards as a Ray Dataset of raw shard rows (image bytes unless `columns` leaves them out).
-
-    `passes` > 1: the rows of every shard `passes` times, pass after pass (`pass_order`; `seed` shuffles the
-    shard order of each pass).
-
-    `read_tasks`: read as a light stage in front of CPU-heavy work: one block per shard file, at most `read_tasks`
-    reads in flight, reserving no CPU. A read reserving a CPU takes it from Ray Data's budget as long as shards
-    are left to read, and on a small budget (the demo's 2 CPUs) the decode stage got none until every pass of the
-    run had been read into the object store (15 s to the first batch of the demo instead of 7).
-
-    `block_rows`: blocks of at most that many rows, streamed (no barrier). Ray 2.60 reads a Parquet file as one
-    block (512 rows per shard by default), and map_batches never splits an input block across tasks: without this,
-    one task decodes a whole shard while the other CPUs wait (measured: one process doing all the decoding of a
-    300-image epoch, 47 img/s on 2 CPUs). When no shard the manifest lists is larger (the sample's 64 rows), the
-    repartition stage is left out: its tasks hold a CPU each, taken from decoding."""
+def shard_index(location: str) -> ShardIndex:
+    """The plan's view of a prepared folder (`pipelines.data.plan`): every listed shard's image ids and the rows
+    training uses (not the crowd-only images). Reads three small columns of each shard, never the image bytes."""
     settings = settings_for(location)
     manifest = load_manifest(location, settings)
-    fs, _ = s3.arrow_filesystem(location, settings)
-    listed = [s3.arrow_filesystem(p, settings)[1] for p in shard_paths(location, manifest)]
-    paths = pass_order(listed, passes, seed) if passes > 1 else listed
-    if read_tasks is not None:
-        read_kwargs = {"override_num_blocks": len(paths), "num_cpus": 0, "concurrency": read_tasks, **read_kwargs}
-    # Ray 2.60's default (V2) Parquet reader lists the files again at every execution (a ListFiles stage, then
-    # ReadFiles): ~2 s more per epoch than the V1 reader on the benchmark, which resolves the explicit shard
-    # list once (the manifest already names every file, so there is nothing to list).
-    ctx = ray.data.DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    shards = []
+    for path in shard_paths(location, manifest):
+        table = _read_columns(path, ["image_id", "labels", "crowd_boxes"], settings)
+        ids = table.column("image_id").to_pylist()
+        labels = table.column("labels").to_pylist()
+        crowd = table.column("crowd_boxes").to_pylist()
+        # only crowd regions: no target and no trustworthy background (the manifest counts them)
+        usable = tuple(i for i in range(len(ids)) if labels[i] or not crowd[i])
+        shards.append(Shard(path, tuple(int(i) for i in ids), usable))
+    return ShardIndex.of(shards)
+
+
+def read_rows(path: str, rows: Sequence[int], columns: Sequence[str], settings: s3.S3Settings | None) -> pa.Table:
+    """Rows `rows` of one shard file, in that order: only the row groups holding them are read."""
+    fs, inner = s3.arrow_filesystem(path, settings)
     try:
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None, **read_kwargs)
-    finally:
-        ctx.use_datasource_v2 = previous
-    largest = max(int(s.get("num_rows", 0)) for s in manifest["shards"])  # 0: a manifest without per-shard counts
-    if block_rows is not None and not 0 < largest <= block_rows:
-        ds = ds.repartition(target_num_rows_per_block=block_rows)
-    return ds
+        with fs.open_input_file(inner) as f:
+            parquet = pq.ParquetFile(f)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            groups = sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows})
+            table = parquet.read_row_groups(groups, columns=list(columns))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read shard: {exc}") from None
+    # row r sits at r - starts[g] inside group g, after the rows of the groups read before it
+    offset = {g: int(sum(starts[h + 1] - starts[h] for h in groups[:i]) - starts[g]) for i, g in enumerate(groups)}
+    where = [r + offset[int(np.searchsorted(starts, r, side="right")) - 1] for r in rows]
+    return table.take(pa.array(where, type=pa.int64()))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation GT
@@ -120,19 +120,14 @@ def coco_gt_from_shards(location: str) -> dict[str, Any]:
     manifest = load_manifest(location, settings)
     rows: list[dict[str, Any]] = []
     for path in shard_paths(location, manifest):
-        fs, inner = s3.arrow_filesystem(path, settings)
-        try:
-            with fs.open_input_file(inner) as f:
-                table = pq.read_table(f, columns=META_COLUMNS)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read shard: {exc}") from None
-        rows.extend(table.to_pylist())
+        rows.extend(_read_columns(path, META_COLUMNS, settings).to_pylist())
     return coco_gt_from_rows(rows, label_map(manifest))
 
 
 def check_shards(data: Any, num_classes: int) -> LabelMap:
-    """The train shards' label map, after checking what a run needs of its shards: both splits prepared with the
-    same categories, ``model.num_classes`` equal to their count, at least one global batch of train images.
+    """The train shards' label map, after checking what a run needs of its shards' categories: both splits
+    prepared with the same ones, ``model.num_classes`` equal to their count (whether the train split holds a batch
+    is the data plan's check: `pipelines.training.run.prepare_run`).
 
     `data`: the run's ``DataConfig``. DataError / ConfigError naming the folder or the key.
     """
@@ -148,14 +143,4 @@ def check_shards(data: Any, num_classes: int) -> LabelMap:
             f"model.num_classes: {num_classes}, but {data.train_shards} has {labels.num_classes} "
             f"categories ({', '.join(labels.names)})"
         )
-    written = train_manifest.get("counts", {}).get("images_written", data.batch_size)
-    if written < data.batch_size:
-        raise DataError(
-            f"{data.train_shards}: {written} images, fewer than one batch of data.batch_size={data.batch_size}"
-        )
     return labels
-
-
-def num_images(location: str) -> int:
-    """Images written into a prepared shard folder (its manifest's count)."""
-    return int(load_manifest(location, settings_for(location)).get("counts", {}).get("images_written", 0))

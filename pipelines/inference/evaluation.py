@@ -22,8 +22,8 @@ from typing import Any
 from cluster import s3
 from cluster.connect import connect_ray
 from pipelines import console, names
-from pipelines.data.datasets import build_dataset, make_collate_fn
-from pipelines.data.shards import coco_gt_from_shards, label_map, load_manifest, settings_for
+from pipelines.data.datasets import make_collate_fn, val_dataset
+from pipelines.data.shards import coco_gt_from_shards, label_map, load_manifest, settings_for, shard_index
 from pipelines.inference.detector import Detector, load_model
 from pipelines.inference.loss_analysis import describe, log_loss_analysis
 from pipelines.training.evaluation import evaluate
@@ -91,7 +91,7 @@ def val_batches(detector: Detector, data: str, batch_size: int) -> Iterable[dict
     """The shards' images through training's val pipeline (decode, resize to the model's input size, collate),
     streamed by Ray Data in shard order, `batch_size` images padded together."""
     inp = detector.cfg.input
-    ds = build_dataset(data, train=False, min_sizes=[inp.min_size], max_size=inp.max_size)
+    ds = val_dataset(shard_index(data), inp, batch_size, s3_settings=settings_for(data))
     return ds.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(inp))
 
 

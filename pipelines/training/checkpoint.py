@@ -1,9 +1,10 @@
 """Training checkpoints: one ``state.pt`` that loads with ``torch.load(weights_only=True)``.
 
-Contents: model / optimizer / scheduler / GradScaler state dicts, step, epoch, the run config, the label map and
-the metrics (a ``metrics.json`` beside it, when present, holds those of an evaluation scored after the write).
-The config and label map are stored as JSON text (plain strings), never as pickled objects, so a checkpoint from
-an untrusted place cannot run code when it is loaded (weights_only refuses anything but tensors and containers).
+Contents: model / optimizer / scheduler / GradScaler state dicts, step, the place in the data (epochs completed,
+steps into the next, the world size), the run config, the label map and the metrics (a ``metrics.json`` beside
+it, when present, holds those of an evaluation scored after the write). The config and label map are stored as
+JSON text (plain strings), never as pickled objects, so a checkpoint from an untrusted place cannot run code when
+it is loaded (weights_only refuses anything but tensors and containers).
 
 A checkpoint is never written with non-finite weights: `save_checkpoint` checks every floating tensor first.
 """
@@ -41,6 +42,8 @@ class TrainState:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
+    epoch_step: int = 0  # steps taken in the epoch after `epoch` (where the data continues)
+    world: int = 0  # ranks of the group that took them (0: not recorded); another world size rescales epoch_step
 
 
 def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -56,6 +59,8 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> Path:
         "format": FORMAT,
         "step": int(state.step),
         "epoch": int(state.epoch),
+        "epoch_step": int(state.epoch_step),
+        "world": int(state.world),
         "config_json": json.dumps(state.config, sort_keys=True),
         "label_map_json": json.dumps(state.label_map),
         "metrics_json": json.dumps(state.metrics or {}, sort_keys=True),
@@ -89,6 +94,8 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     return TrainState(
         step=payload["step"],
         epoch=payload["epoch"],
+        epoch_step=payload.get("epoch_step", 0),  # absent from checkpoints written before it was recorded
+        world=payload.get("world", 0),
         config=json.loads(payload["config_json"]),
         label_map=json.loads(payload["label_map_json"]),
         metrics=_metrics(Path(directory), payload["metrics_json"]),

@@ -1,20 +1,36 @@
-"""The end of an evaluation in a worker: rank 0 logs the evaluation to MLflow and writes the checkpoint; every rank
-calls ``ray.train.report`` (a barrier: a rank that skipped it would hang the others)."""
+"""What a worker tells Ray Train and MLflow: `Reporter`, the one caller of ``ray.train.report`` in a worker, and
+the evaluation's MLflow record (`log_evaluation`).
+
+``ray.train.report`` is a barrier every rank must reach: a rank that skipped one would hang the others. The
+`Reporter` keeps the protocol's reporting invariant (`pipelines.training.protocol`, invariant 3): every rank
+reports at the same steps in the same order, reports reach Ray in step order (an evaluation scored in the
+background is reported before anything reported after it), and only rank 0 attaches a checkpoint and logs.
+"""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from typing import Any
 
 import ray.train
 
+from pipelines import names
 from pipelines.tracking.logger import RunLogger
-from pipelines.training.checkpoint import TrainState, save_checkpoint
-from pipelines.training.evaluation import EvalResult
+from pipelines.training.background_eval import BackgroundEvaluator
+from pipelines.training.checkpoint import TrainState, save_checkpoint, write_metrics
+from pipelines.training.evaluation import EvalResult, Predictions
 from retina.confusion import confusion_table
 from retina.data.coco import LabelMap
-from retina.evaluation import agnostic_line, agnostic_metrics, per_class_metrics, per_class_rows, per_class_table
+from retina.evaluation import (
+    DEFAULT_BACKEND,
+    agnostic_line,
+    agnostic_metrics,
+    per_class_metrics,
+    per_class_rows,
+    per_class_table,
+)
 
 
 def write_checkpoint(state: TrainState) -> str:
@@ -46,6 +62,88 @@ def report(metrics: dict[str, Any], checkpoint: TrainState | str | None, *, asyn
         delete_local_checkpoint_after_upload=True,
     )
     return time.perf_counter() - start
+
+
+class Reporter:
+    """Every report a worker makes: step checkpoints, evaluations scored in place, evaluations scored in the
+    background (`defer`, then `flush` when the score is in). Each report first flushes a pending evaluation."""
+
+    def __init__(self, rank: int, tracker: RunLogger, labels: LabelMap, cfg: Any, val_shards: str) -> None:
+        self.rank, self.tracker, self.labels = rank, tracker, labels
+        self.async_upload = cfg.run.async_upload
+        self._eval_cpus, self._val_shards = cfg.train.eval_task_cpus, val_shards
+        self._pending: tuple[int, int] | None = None  # (step, epoch) of an evaluation scored in the background
+        self.last_checkpoint_time = time.monotonic()  # rank 0's clock: time-based step checkpoints
+
+    @functools.cached_property
+    def ground_truth(self) -> dict[str, Any]:
+        """The val split's COCO ground truth (rank 0), read once, at the first evaluation."""
+        from pipelines.data.shards import coco_gt_from_shards
+
+        return coco_gt_from_shards(self._val_shards)
+
+    @functools.cached_property
+    def _evaluator(self) -> BackgroundEvaluator:
+        """Rank 0's scorer of background evaluations, made at the first one."""
+        return BackgroundEvaluator(self.ground_truth, list(self.labels.coco_ids), backend=DEFAULT_BACKEND,
+                                   num_cpus=self._eval_cpus)  # fmt: skip
+
+    def scored(self) -> bool:
+        """Rank 0: whether the pending evaluation's score has arrived (never blocks; a vote, so all ranks flush
+        at the same step)."""
+        return self.rank == 0 and self._pending is not None and self._evaluator.ready()
+
+    def checkpoint(self, metrics: dict[str, Any], state: TrainState | None, *, sync: bool = False) -> None:
+        """A step checkpoint between evaluations (no val/AP: it scores below every evaluated one). `sync`: upload
+        before training goes on (a preempted node may be gone any second)."""
+        self.flush()
+        metrics = {**metrics, names.CHECKPOINT_SCORE: names.STEP_CHECKPOINT_SCORE}
+        self._report(metrics, state, async_upload=self.async_upload and not sync)
+
+    def evaluation(self, result: EvalResult, metrics: dict[str, Any], state: TrainState | None) -> None:
+        """An evaluation scored here: rank 0 logs it; every rank reports it with its checkpoint."""
+        self.flush()
+        if state is not None:
+            state.metrics = result.metrics()
+        self._report_evaluation(result, metrics, state)
+
+    def defer(self, predictions: Predictions | None, metrics: dict[str, Any], state: TrainState | None) -> None:
+        """An evaluation scored in a background Ray task: rank 0 writes the checkpoint of the evaluated weights now
+        (before they change) and hands the predictions over; `flush` reports both once scored."""
+        self.flush()
+        step, epoch = int(metrics[names.STEP]), int(metrics[names.EPOCH])
+        if self.rank == 0:
+            self._evaluator.submit(step, predictions, (metrics, write_checkpoint(state)))
+        self._pending = (step, epoch)
+
+    def flush(self) -> None:
+        """Report the pending background evaluation, if any (every rank at the same step; rank 0 waits for the
+        score if it has not arrived)."""
+        if self._pending is None:
+            return
+        step, epoch = self._pending
+        self._pending = None
+        if self.rank != 0:
+            self._report_evaluation(EvalResult(None, 0, 0), {names.STEP: step, names.EPOCH: epoch}, None)
+            return
+        finished = self._evaluator.wait()
+        metrics, directory = finished.extra
+        metrics[names.VAL_SCORE_SECONDS] = finished.seconds
+        write_metrics(directory, finished.result.metrics())  # what the checkpoint records as its evaluation
+        self._report_evaluation(finished.result, metrics, directory)
+
+    def _report_evaluation(self, result: EvalResult, metrics: dict[str, Any], checkpoint: Any) -> None:
+        metrics = {**metrics, **result.metrics(),
+                   names.CHECKPOINT_SCORE: result.metrics().get(names.VAL_AP, names.STEP_CHECKPOINT_SCORE)}  # fmt: skip
+        step, epoch = int(metrics[names.STEP]), int(metrics[names.EPOCH])
+        if self.rank == 0:
+            log_evaluation(self.tracker, result, metrics, step, epoch, self.labels)
+        self._report(metrics, checkpoint, async_upload=self.async_upload)
+
+    def _report(self, metrics: dict[str, Any], checkpoint: TrainState | str | None, *, async_upload: bool) -> None:
+        seconds = report(metrics, checkpoint, async_upload=async_upload)
+        self.last_checkpoint_time = time.monotonic()
+        self.tracker.log_metrics({names.CHECKPOINT_SECONDS: seconds}, int(metrics[names.STEP]))
 
 
 def log_evaluation(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
@@ -26,16 +25,17 @@ from cluster.connect import connect_ray
 from cluster.storage import absolute, storage_location
 from pipelines import console, names
 from pipelines.config import Config
-from pipelines.data.datasets import datasets_from_config
+from pipelines.data.plan import ShardIndex, TrainPlan
 from pipelines.data.sample import ensure_sample_data
-from pipelines.data.shards import check_shards, num_images
+from pipelines.data.shards import check_shards, shard_index
 from pipelines.tracking import plots, store
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.capacity import check_capacity
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
-from pipelines.training.loop import epoch_steps
+from pipelines.training.loop import RunInputs
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
+from retina.data.coco import DataError
 from retina.typed_config import ConfigError, flatten, to_dict
 
 logger = logging.getLogger("retina.train")
@@ -66,9 +66,30 @@ def with_absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Prepared:
+    """A run's config with local paths absolute, and what its data is: the label map and the shards as the data plan
+    sees them (read once, on the driver, and handed to every worker)."""
+
+    config: Config
+    label_map: list[dict[str, Any]]  # JSON form: [{"id", "name", "label"}]
+    train_index: ShardIndex
+    val_index: ShardIndex
+
+    def steps_per_epoch(self, cfg: Config | None = None) -> int:
+        """Steps in one epoch of `cfg` (default: this run's) with its full group (`TrainPlan.steps_per_epoch`)."""
+        cfg = cfg or self.config
+        return TrainPlan.for_run(self.train_index, cfg).steps_per_epoch(cfg.scaling.num_workers)
+
+    def epochs(self, cfg: Config | None = None) -> int:
+        """Epochs `cfg` (default: this run's) trains with its full group (`TrainPlan.epochs`)."""
+        cfg = cfg or self.config
+        return TrainPlan.for_run(self.train_index, cfg).epochs(cfg.train.max_steps, cfg.scaling.num_workers)
+
+
+def prepare_run(cfg: Config) -> Prepared:
     """What every training run (and every search) does first: absolute paths, Ray, the sample data on first use,
-    and the shards' checks; returns the config to hand on and the label map (JSON form)."""
+    and the shards' checks."""
     cfg = with_absolute_paths(cfg)
     logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
     sc = cfg.scaling
@@ -83,26 +104,30 @@ def prepare_run(cfg: Config) -> tuple[Config, list[dict[str, Any]]]:
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars drown the step logs
     console.quiet_libraries()
     ensure_sample_data(cfg.data)
-    return cfg, check_shards(cfg.data, cfg.model.num_classes).to_json()
+    labels = check_shards(cfg.data, cfg.model.num_classes).to_json()
+    prepared = Prepared(cfg, labels, shard_index(cfg.data.train_shards), shard_index(cfg.data.val_shards))
+    if prepared.steps_per_epoch() < 1:
+        raise DataError(
+            f"{cfg.data.train_shards}: {prepared.train_index.num_train_rows} usable train images, fewer than one "
+            f"batch of data.batch_size={cfg.data.batch_size}"
+        )
+    return prepared
 
 
 def fit(
+    run: Prepared,
     cfg: Config,
     tracking_uri: str,
     run_id: str,
-    labels: list[dict[str, Any]],
     *,
     faults: Faults,
     callbacks: list[Any] | None = None,
 ) -> ray.train.Result:
-    """One TorchTrainer run of `cfg` logging into MLflow run `run_id`; raises NonFiniteLossError on divergence."""
-    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
-    loop_config = {"config": cfg, "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "label_map": labels,
-                   "faults": faults, "train_images": images, "run_started_at": time.time()}  # fmt: skip
-    # every epoch of the run in one execution (+1: rows dropped as crowd-only must not end the stream early; a
-    # smaller elastic group needs fewer images); a restart re-executes it from the start
-    train_ds, val_ds = datasets_from_config(cfg, passes=math.ceil(cfg.train.max_steps / steps_per_epoch(cfg)) + 1)
-    result = build_trainer(cfg, loop_config, {"train": train_ds, "val": val_ds}, callbacks).fit()
+    """One TorchTrainer run of `cfg` (the prepared run's config, or a search trial's variant of it) logging into
+    MLflow run `run_id`; raises NonFiniteLossError on divergence."""
+    inputs = RunInputs(cfg, tracking_uri, run_id, run.label_map, run.train_index, run.val_index, faults,
+                       time.time(), decode_options={"num_cpus": 1})  # fmt: skip
+    result = build_trainer(cfg, inputs, callbacks).fit()
     returned = result.return_value or {}  # rank 0's return value
     if isinstance(returned, dict) and returned.get(names.NONFINITE_KEY):
         raise NonFiniteLossError(returned[names.NONFINITE_KEY])
@@ -117,7 +142,8 @@ def run_training(cfg: Config, config_path: str | None = None, *, restart: bool =
     keys and the ways forward. `restart`: discard the run's checkpoints and start it anew (the old MLflow run
     stays, detached from the name)."""
     started = time.time()
-    cfg, labels = prepare_run(cfg)
+    run = prepare_run(cfg)
+    cfg, labels = run.config, run.label_map
     run_dir = s3.join(storage_location(cfg.run.storage_path)[2], cfg.run.name)
     tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
     params = flatten(to_dict(cfg))
@@ -138,23 +164,16 @@ def run_training(cfg: Config, config_path: str | None = None, *, restart: bool =
         logger.info("training %s: %s workers x %g CPUs%s, %d steps, batch %d -> MLflow run %s", cfg.run.name, workers,
                     sc.cpus_per_worker, " + 1 GPU" if sc.use_gpu else "", t.max_steps, cfg.data.batch_size,
                     run_id)  # fmt: skip
-        progress = console.TrainingProgress(tracking_uri, run_id, console.Plan(t.max_steps, steps_per_epoch(cfg)))
+        progress = console.TrainingProgress(tracking_uri, run_id, console.Plan(t.max_steps, run.epochs()))
         progress.start()
         try:
-            result = fit(cfg, tracking_uri, run_id, labels, faults=Faults.from_env())
+            result = fit(run, cfg, tracking_uri, run_id, faults=Faults.from_env())
         finally:
             progress.stop()
         metrics = dict(result.metrics or {})  # those of the latest checkpoint
         logger.info("logging and registering the model (the best checkpoint by %s)", names.VAL_AP)
         logged, best_path = _finish(cfg, result, tracking_uri, run_id, labels)
     return TrainOutcome(run_dir, run_id, tracking_uri, metrics, best_path, logged, resumed, time.time() - started)
-
-
-def steps_per_epoch(cfg: Config) -> int:
-    """Optimizer steps in one pass over the train split with the full group (`loop.epoch_steps`)."""
-    world = cfg.scaling.num_workers
-    images = num_images(cfg.data.train_shards) or cfg.data.batch_size
-    return epoch_steps(images, world, cfg.data.batch_size // world)
 
 
 def _finished(cfg: Config, run: Any, params: dict, run_dir: str, tracking_uri: str, started: float) -> TrainOutcome:

@@ -35,7 +35,10 @@ class TrainConfig:
     lr_gamma: float = 0.1
     grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping (the paper does not clip)
     amp: str = "none"  # none | bf16 (autocast; GPU, or CPU with AVX-512 BF16 / AMX) | fp16 (+ GradScaler, GPU)
-    seed: int = 0
+    seed: int = 0  # initial weights, the shard order of every epoch, each image's scale and flip
+    # the same config and seed give the same run: decode outputs kept in plan order (Ray Data preserve_order) and
+    # PyTorch's deterministic kernels (on CUDA also no cuDNN autotuning); see docs/training.md for its price
+    deterministic: bool = True
     log_every: int = 20  # steps between loss/lr/throughput logs
     eval_every_epochs: int = 1  # evaluation (and a checkpoint) every N epochs, and always at the end
     num_logged_images: int = 4  # val images drawn with predicted and true boxes into MLflow
@@ -128,6 +131,10 @@ class RunConfig:
     # Nodes taken back by their provider (spot/preemptible; a drain with a preemption reason) are counted apart
     # from failures: -1 = recover from every preemption.
     max_preemption_failures: int = -1
+    # A worker whose next batch does not come for this long fails the attempt with an error naming what waits and
+    # the cluster's resources (run.max_failures counts it); 0 waits forever. Well above the first batch of a cold
+    # start (a few seconds here, tens of seconds from S3 at COCO sizes).
+    stall_timeout_s: float = 300.0
 
     def check(self) -> None:
         require(bool(_RUN_NAME.fullmatch(self.name)), "run.name", "must be 1-128 characters of [A-Za-z0-9_.-]")
@@ -137,3 +144,4 @@ class RunConfig:
         require(self.max_preemption_failures >= -1, "run.max_preemption_failures", "must be >= 0 (or -1: forever)")
         require(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0 (0: off)")
         require(self.checkpoint_every_minutes >= 0, "run.checkpoint_every_minutes", "must be >= 0 (0: off)")
+        require(self.stall_timeout_s >= 0, "run.stall_timeout_s", "must be >= 0 (0: wait forever)")

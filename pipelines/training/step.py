@@ -1,8 +1,8 @@
 """One optimizer step of the worker loop, and the parts it works on.
 
-A step is split in two around the one collective of the step (see `loop.train_one_epoch`): `forward_backward`
-computes the loss and the gradients (and clips them), then every rank agrees on the stop flags, then
-`apply_update` steps the optimizer, the loss scaler and the lr schedule, or nobody does.
+A step is split in two around the one collective of the step (see `pipelines.training.protocol`):
+`forward_backward` computes the loss and the gradients (and clips them), then every rank agrees on the step's
+flags, then `apply_update` steps the optimizer, the loss scaler and the lr schedule, or nobody does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from pipelines.data.plan import Position
 from pipelines.training.checkpoint import TrainState
 from pipelines.training.optim import WarmupMultiStepLR, build_optimizer
 from pipelines.training.settings import TrainConfig
@@ -78,11 +79,15 @@ class TrainingParts:
             group["initial_lr"], group["lr"] = base, lr
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def state(self, step: int, epoch: int, config: dict, label_map: list[dict], metrics: dict) -> TrainState:
+    def state(
+        self, step: int, position: Position, world: int, config: dict, label_map: list[dict], metrics: dict
+    ) -> TrainState:
+        """A checkpoint of these parts at `step`, with its place in the data (`position`, for `world` ranks)."""
         return TrainState(
-            step=step, epoch=epoch, config=config, label_map=label_map, model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, metrics=metrics,
+            step=step, epoch=position.epoch, epoch_step=position.step, world=world, config=config,
+            label_map=label_map, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), metrics=metrics,
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )  # fmt: skip
 
     @property

@@ -12,41 +12,20 @@ from cluster.storage import storage_location
 from pipelines.config import Config
 from pipelines.names import CHECKPOINT_SCORE, VAL_AP
 from pipelines.training.checkpoint import TrainState, load_checkpoint
-from pipelines.training.loop import train_func
+from pipelines.training.loop import RunInputs, train_func
 
 
-class SplitValUnequally(ray.train.DataConfig):
-    """Train splits equally (every DDP rank takes the same number of steps); val splits without dropping rows.
-
-    Ray's default splits every dataset with ``equal=True``, which drops rows to even the parts out: fine for
-    training, wrong for evaluation (the dropped images would be missing from COCOeval). Uneven val parts are
-    safe because evaluation has no per-batch collective (see pipelines/training/evaluation.py).
-    """
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        rest = {k: v for k, v in datasets.items() if k != "val"}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            val = datasets["val"]
-            if val.name is None:
-                val.set_name("val")
-            for i, part in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                output[i]["val"] = part
-        return output
-
-
-def build_trainer(
-    cfg: Config, loop_config: dict[str, Any], datasets: dict[str, Any], callbacks: list[Any] | None = None
-) -> TorchTrainer:
+def build_trainer(cfg: Config, inputs: RunInputs, callbacks: list[Any] | None = None) -> TorchTrainer:
     """TorchTrainer running `train_func` on scaling.num_workers workers; checkpoints kept by val/AP.
 
+    No datasets: each worker reads its own rows of the run's data plan (`pipelines.training.loop`).
     `callbacks`: Ray Train run callbacks (a search trial adds Tune's reporting bridge)."""
     storage_path, filesystem, _ = storage_location(cfg.run.storage_path)
     sc, run = cfg.scaling, cfg.run
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {}), **sc.resources_per_worker}
     return TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config={"inputs": inputs},  # Ray's contract: a dict
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             # (min, max): Ray starts once `min` fit, and every resize restarts the group from the latest checkpoint
@@ -69,8 +48,6 @@ def build_trainer(
             ),
             callbacks=callbacks or None,
         ),
-        datasets=datasets,
-        dataset_config=SplitValUnequally(),
     )
 
 

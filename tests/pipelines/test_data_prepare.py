@@ -1,5 +1,6 @@
-"""pipelines/data/prepare.py (behind pipelines/prepare_data.py) and pipelines/data/datasets.py on real Ray: bad
-images, re-runs, round trip, epochs, and the datasets training builds from its config."""
+"""pipelines/data/prepare.py (behind pipelines/prepare_data.py), pipelines/data/shards.py and
+pipelines/data/datasets.py on real Ray: bad images, re-runs, round trip, the manifest's checks, and a rank's
+decoded plan."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.data.datasets import build_dataset, make_collate_fn
+from pipelines.data.datasets import make_collate_fn
 from pipelines.data.prepare import BadImageError, prepare
 from pipelines.data.shards import MANIFEST, coco_gt_from_shards, load_manifest
 from retina.data.coco import DataError
@@ -147,42 +148,53 @@ def test_annotation_errors_stop_before_any_image_is_read(ray_local, dataset, tmp
         prepare(tmp_path / "nope.json", images, tmp_path / "out")
 
 
-def _epoch_batches(ds, collate) -> list[dict[str, torch.Tensor]]:
-    return list(ds.iter_torch_batches(batch_size=4, collate_fn=collate))
+def _batches(ds, collate, batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    return list(ds.iter_torch_batches(batch_size=batch, collate_fn=collate))
 
 
-def test_train_reshuffles_every_epoch_val_is_deterministic_and_unaugmented(ray_local, dataset, tmp_path):
+def _decode_cfg(min_sizes: list[int], seed: int = 0):
+    from types import SimpleNamespace
+
+    from pipelines.config import load_config
+
+    cfg = load_config(None, ["model.input.min_size=64", "model.input.max_size=160", f"train.seed={seed}"])
+    return SimpleNamespace(model=cfg.model, train=cfg.train, data=SimpleNamespace(train_min_sizes=min_sizes,
+                                                                                  flip_prob=0.5))  # fmt: skip
+
+
+def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, dataset, tmp_path):
+    """Train: every image once per epoch, a new order per epoch, the plan's order exactly (decode tasks finish out
+    of order; their outputs do not), the same pixels and boxes in two executions. Val: unaugmented, identical to the
+    eval transform applied to the source image."""
+    from pipelines.data.datasets import chunk_dataset, train_decode, val_decode
+    from pipelines.data.plan import Position, TrainPlan, val_chunks
+    from pipelines.data.shards import shard_index
+
     ann, images = dataset
     out = tmp_path / "out"
     prepare(ann, images, out, rows_per_shard=4)
+    index = shard_index(str(out))
+    assert index.num_rows == 12 and [len(s.image_ids) for s in index.shards] == [4, 4, 4]
     collate = make_collate_fn()
-
-    train = build_dataset(str(out), train=True, min_sizes=[64, 96], max_size=160, seed=0)
-    epochs = [_epoch_batches(train, collate) for _ in range(3)]
-    orders = [[i for b in e for i in b["image_ids"].tolist()] for e in epochs]
-    assert all(sorted(o) == list(range(1, 13)) for o in orders)  # every image once per epoch
-    assert len({tuple(o) for o in orders}) > 1  # a new order per epoch
-    sizes = {tuple(s) for e in epochs for b in e for s in b["image_sizes"].tolist()}
-    assert {min(s) for s in sizes} == {64, 96}  # multi-scale draws both sizes
-    for e in epochs:
-        b = e[0]
-        assert b["images"].shape[-1] % 128 == 0 and b["gt_labels"].dtype == torch.int64
-
-    # shuffle="files": no all-to-all stage, yet a new shard order and rows permuted inside each decode task
-    files = build_dataset(str(out), train=True, min_sizes=[64], max_size=160, seed=0, shuffle="files", batch_size=4)
-    assert "RandomShuffle" not in str(files) and "RandomizeBlockOrder" not in str(files)
-    orders = [[i for b in _epoch_batches(files, collate) for i in b["image_ids"].tolist()] for _ in range(3)]
-    assert all(sorted(o) == list(range(1, 13)) for o in orders)
-    assert len({tuple(o) for o in orders}) > 1
-    in_shard_order = [sorted(o[k : k + 4]) == o[k : k + 4] for o in orders for k in range(0, 12, 4)]
-    assert not all(in_shard_order)  # rows of a 4-row shard do not simply come out in their stored order
-
-    val = build_dataset(str(out), train=False, min_sizes=[96], max_size=160)
-    a, b = _epoch_batches(val, collate), _epoch_batches(val, collate)
-    assert [x["image_ids"].tolist() for x in a] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
-    for x, y in zip(a, b, strict=True):
+    plan = TrainPlan(index, seed=0, batch=4)
+    chunks = list(plan.chunks(0, 1, Position(), 9))  # 3 epochs of 3 steps
+    expected = [index.shards[[s.path for s in index.shards].index(p)].image_ids[r] for c in chunks for p, rows in
+                c.pieces for r in rows]  # fmt: skip
+    runs = [_batches(chunk_dataset(chunks, train_decode(_decode_cfg([64, 96])), ordered=True), collate) for _ in "ab"]
+    ids = [i for b in runs[0] for i in b["image_ids"].tolist()]
+    assert ids == expected
+    epochs = [ids[k : k + 12] for k in range(0, 36, 12)]
+    assert all(sorted(e) == list(range(1, 13)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    for x, y in zip(*runs, strict=True):  # the same scale, flip and pixels: keyed by (seed, epoch, image)
         for k in x:
             torch.testing.assert_close(x[k], y[k])
+    sizes = {tuple(s) for b in runs[0] for s in b["image_sizes"].tolist()}
+    assert {min(s) for s in sizes} == {64, 96}  # multi-scale draws both sizes
+    assert runs[0][0]["images"].shape[-1] % 128 == 0 and runs[0][0]["gt_labels"].dtype == torch.int64
+
+    val = chunk_dataset(val_chunks(index, 0, 1, 4), val_decode(SimpleInput(96, 160)), ordered=True)
+    a = _batches(val, collate)
+    assert [x["image_ids"].tolist() for x in a] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
     # unaugmented: identical to the eval transform applied directly to the source image and JSON boxes
     source = json.loads(Path(ann).read_text())
     image = decode_image((images / "000001.jpg").read_bytes()).image
@@ -194,65 +206,43 @@ def test_train_reshuffles_every_epoch_val_is_deterministic_and_unaugmented(ray_l
     torch.testing.assert_close(a[0]["gt_boxes"][0, : len(boxes)], torch.from_numpy(ref.boxes))
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    expected = (torch.from_numpy(ref.image.copy()).permute(2, 0, 1).float() / 255 - mean) / std
-    torch.testing.assert_close(a[0]["images"][0, :, :h, :w], expected)
+    expected_px = (torch.from_numpy(ref.image.copy()).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(a[0]["images"][0, :, :h, :w], expected_px)
 
 
-def test_datasets_from_config_follow_the_run_config(ray_local, dataset, tmp_path):
-    """The one builder training (and every search trial) uses: data.* decides the plan, train.seed the order."""
+class SimpleInput:
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+
+def test_read_rows_takes_rows_in_the_order_asked_from_only_their_row_groups(tmp_path):
+    import pyarrow as pa
+
+    from pipelines.data.shards import read_rows
+
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"image_id": list(range(10)), "x": [str(i) for i in range(10)]}), path, row_group_size=3)
+    assert read_rows(str(path), [7, 0, 9, 4], ["image_id"], None).column("image_id").to_pylist() == [7, 0, 9, 4]
+    with pytest.raises(DataError, match="cannot read shard"):
+        read_rows(str(tmp_path / "missing.parquet"), [0], ["image_id"], None)
+
+
+def test_manifest_checks_and_shard_checks(ray_local, dataset, tmp_path):
+    """One manifest reader: it refuses another format, names the folder; the run's label-map checks."""
     from pipelines.config import load_config
-    from pipelines.data.datasets import TRAIN_TASK_BATCHES, datasets_from_config
     from pipelines.data.shards import check_shards
     from retina.typed_config import ConfigError
 
     ann, images = dataset
     prepare(ann, images, tmp_path / "shards", rows_per_shard=4)
-    common = [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={tmp_path / 'shards'}",
-              "model.num_classes=5", "model.input.min_size=64", "model.input.max_size=128"]  # fmt: skip
-    for shuffle, stage in (("rows", "RandomShuffle"), ("files", None)):
-        cfg = load_config(None, [*common, f"data.shuffle={shuffle}", "data.batch_size=8", "data.val_batch_size=3"])
-        train, val = datasets_from_config(cfg)
-        plan = str(train)
-        assert ("RandomShuffle" in plan) == (stage is not None), plan
-        # 4-row shards fit a decode task of 8 global batches: read straight into it, no repartition stage; val
-        # decodes one batch of 3 rows per task, so its 4-row shards are split
-        assert "num_rows_per_block" not in plan and 4 < 8 * TRAIN_TASK_BATCHES
-        assert "num_rows_per_block=3" in str(val) and "RandomShuffle" not in str(val)
-    # the label map a run checks its shards against (the sample categories, from the manifest)
+    cfg = load_config(None, [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={tmp_path / 'shards'}",
+                             "model.num_classes=5"])  # fmt: skip
     assert check_shards(cfg.data, 5).coco_ids == (1, 3, 7, 12, 90)
     with pytest.raises(ConfigError, match="model.num_classes: 80, but .* has 5 categories"):
         check_shards(cfg.data, 80)
-
-    def first_epoch(*overrides: str) -> list[int]:
-        cfg = load_config(None, [*common, "data.shuffle=files", "data.batch_size=4", "scaling.num_workers=1",
-                                 *overrides])  # fmt: skip
-        train, _ = datasets_from_config(cfg)
-        return [i for b in _epoch_batches(train, make_collate_fn()) for i in b["image_ids"].tolist()]
-
-    seed_0 = first_epoch("train.seed=0")
-    assert sorted(seed_0) == list(range(1, 13))
-    assert first_epoch("train.seed=0", "data.synthetic_seed=9") == seed_0  # train.seed alone decides the order
-    assert first_epoch("train.seed=1") != seed_0
-
-    # data.stream_epochs: one execution streams `passes` epochs, each a full pass in its own order
-    cfg = load_config(None, [*common, "data.shuffle=files", "data.batch_size=4", "scaling.num_workers=1"])
-    stream, _ = datasets_from_config(cfg, passes=3)
-    ids = [i for b in _epoch_batches(stream, make_collate_fn()) for i in b["image_ids"].tolist()]
-    # every image once per pass; decode tasks finish out of order, so rows near a pass boundary may cross it
-    assert sorted(ids) == sorted(list(range(1, 13)) * 3)
-    assert ids[:12] != ids[12:24] != ids[24:]  # a new order every pass
-    off, _ = datasets_from_config(load_config(None, [*common, "data.shuffle=files", "data.stream_epochs=false"]), 3)
-    rows, _ = datasets_from_config(load_config(None, [*common, "data.shuffle=rows"]), passes=3)
-    assert off.count() == 12 and rows.count() == 12  # one pass per execution: streaming off, or an exact shuffle
-
-
-def test_pass_order_is_every_shard_once_per_pass():
-    from pipelines.data.shards import pass_order
-
-    paths = [f"s{i}" for i in range(5)]
-    order = pass_order(paths, 3, seed=7)
-    assert [sorted(order[k * 5 : (k + 1) * 5]) for k in range(3)] == [paths] * 3
-    assert order == pass_order(paths, 3, seed=7) and order != pass_order(paths, 3, seed=8)
-    assert pass_order(paths, 2, None) == paths + paths
-    with pytest.raises(ValueError, match="passes must be >= 1"):
-        pass_order(paths, 0, None)
+    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    (tmp_path / "shards" / MANIFEST).write_text(json.dumps({**manifest, "format": "retina-shards/0"}))
+    with pytest.raises(DataError, match=r"format 'retina-shards/0', this version reads 'retina-shards/1'"):
+        load_manifest(str(tmp_path / "shards"))
+    prepare(ann, images, tmp_path / "shards", rows_per_shard=4, overwrite=True)  # another format is replaceable
+    assert load_manifest(str(tmp_path / "shards"))["format"] == "retina-shards/1"

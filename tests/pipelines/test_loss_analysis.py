@@ -13,7 +13,7 @@ import torch
 
 from pipelines import evaluate, names
 from pipelines.inference import loss_analysis
-from pipelines.training import loop
+from pipelines.training import hooks
 from pipelines.training.step import StepResult
 from retina.analysis import LossConcentration
 from retina.analysis.loss_concentration import DEFAULT_GAMMAS
@@ -58,10 +58,11 @@ def test_logged_into_the_evaluation_run(tmp_path):
     assert {a.path for a in client.list_artifacts(run_id, "loss_analysis")} == {
         names.LOSS_ANALYSIS_FIGURE_ARTIFACT, names.LOSS_ANALYSIS_TABLE_ARTIFACT, names.LOSS_ANALYSIS_RESULT_ARTIFACT
     }  # fmt: skip
-    logged_files = tmp_path / "artifacts" / run_id / "artifacts"
-    numbers = json.loads((logged_files / names.LOSS_ANALYSIS_RESULT_ARTIFACT).read_text())
+    numbers = json.loads(
+        (tmp_path / "artifacts" / run_id / "artifacts" / names.LOSS_ANALYSIS_RESULT_ARTIFACT).read_text()
+    )
     assert [g["gamma"] for g in numbers["per_gamma"]] == [0.0, 2.0] and numbers["num_ignored"] == 200
-    table = (logged_files / names.LOSS_ANALYSIS_TABLE_ARTIFACT).read_text()
+    table = (tmp_path / "artifacts" / run_id / "artifacts" / names.LOSS_ANALYSIS_TABLE_ARTIFACT).read_text()
     assert table == loss_analysis.describe(result) and "negatives (N=5680)" in table
     logged = client.get_run(run_id).data.metrics
     assert logged == pytest.approx(loss_analysis.loss_analysis_metrics(result))
@@ -101,15 +102,16 @@ class _Tracker:
 def test_first_step_logs_the_initial_loss_once_and_the_group_at_every_start():
     """One rank (no process group): the all-reduce is the identity, so the logged value is this batch's loss."""
     tracker = _Tracker()
-    worker = SimpleNamespace(world=1, global_batch=8, tracker=tracker, run_started_at=0.0)
     losses = {"loss_cls": torch.tensor(6.5), "loss_box": torch.tensor(0.5)}
     result = StepResult(losses, torch.tensor(7.0), None, torch.tensor(False))
-    fresh = loop.Progress()
-    loop._log_first_step(worker, result, fresh)
+    fresh = SimpleNamespace(
+        step=1, world=1, global_batch=8, tracker=tracker, inputs=SimpleNamespace(run_started_at=0.0)
+    )
+    hooks.log_first_step(fresh, result, fresh=True)  # after the step: the loop has counted it
     [(metrics, step)] = tracker.logged
     assert step == 0 and metrics[names.TRAIN_INITIAL_LOSS] == 7.0 and metrics[names.STARTUP_FIRST_STEP_S] > 0
-    assert fresh.stepped and tracker.events == [({names.TRAIN_WORLD_SIZE: 1, names.TRAIN_GLOBAL_BATCH: 8}, 0)]
-    resumed = loop.Progress(step=250)  # a restart: the group again, at its step; no initial loss
-    loop._log_first_step(worker, result, resumed)
+    assert tracker.events == [({names.TRAIN_WORLD_SIZE: 1, names.TRAIN_GLOBAL_BATCH: 8}, 0)]
+    resumed = SimpleNamespace(**{**vars(fresh), "step": 251})  # a restart: the group again, at its step; no loss
+    hooks.log_first_step(resumed, result, fresh=False)
     assert len(tracker.logged) == 1 and tracker.events[-1] == ({names.TRAIN_WORLD_SIZE: 1,
                                                                 names.TRAIN_GLOBAL_BATCH: 8}, 250)  # fmt: skip

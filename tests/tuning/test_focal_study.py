@@ -18,7 +18,9 @@ from ray.tune.search.variant_generator import generate_variants
 
 from pipelines import names
 from pipelines.config import load_config
+from pipelines.data.plan import ShardIndex
 from pipelines.training.faults import Faults
+from pipelines.training.run import Prepared
 from retina.typed_config import to_dict
 from tuning import space
 from tuning.config import load_search_config
@@ -65,7 +67,8 @@ def test_shrunk_study_grid_makes_two_trial_configs():
     cfg = load_search_config(STUDY, SHRUNK)
     params = _grid_params(cfg)
     assert params == [{"gamma": 0.0, "alpha": 0.25}, {"gamma": 2.0, "alpha": 0.25}]
-    setup = TrialSetup(cfg, "/runs/focal_study/trials", "sqlite:///x.db", "exp", "parent", [], Faults())
+    run = Prepared(cfg, [], ShardIndex(()), ShardIndex(()))
+    setup = TrialSetup(run, "/runs/focal_study/trials", "sqlite:///x.db", "exp", "parent", Faults())
     trials = [trial_config(setup, p, f"trial_00{i}_ab") for i, p in enumerate(params)]
     assert [(t.model.loss.gamma, t.model.loss.alpha, t.model.head.prior) for t in trials] == [
         (0.0, 0.25, 0.01),

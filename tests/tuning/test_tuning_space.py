@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.data.plan import ShardIndex
 from pipelines.training.faults import Faults
+from pipelines.training.run import Prepared
 from retina.typed_config import ConfigError
 from tuning import experiment, space
 from tuning.config import SearchConfig, load_search_config, validate_tuning
@@ -109,7 +111,8 @@ def test_apply_hyperparameters_sets_the_training_keys():
 
 def test_trial_config_is_the_trial_s_own_train_run():
     cfg = cfg_with()
-    setup = TrialSetup(cfg, "/runs/search/trials", "sqlite:///x.db", "exp", "parent", [], Faults())
+    run = Prepared(cfg, [], ShardIndex(()), ShardIndex(()))
+    setup = TrialSetup(run, "/runs/search/trials", "sqlite:///x.db", "exp", "parent", Faults())
     trial = trial_config(setup, {"gamma": 1.0, "alpha": 0.5, "prior": 0.1}, "trial_001_ab12")
     assert (trial.run.name, trial.run.storage_path) == ("trial_001_ab12", "/runs/search/trials")
     assert (trial.model.loss.gamma, trial.model.loss.alpha, trial.model.head.prior) == (1.0, 0.5, 0.1)
