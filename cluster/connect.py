@@ -1,5 +1,12 @@
 """How a command reaches Ray: the cluster named by RAY_ADDRESS (also set by ``ray job submit``), else a local Ray
-started on this machine with its dashboard on 127.0.0.1."""
+of its own, started on this machine with its dashboard on 127.0.0.1.
+
+"Of its own" matters: ``ray.init()`` without an address joins whatever Ray's current-cluster file names
+(``ray_current_cluster`` in Ray's temp folder: $RAY_TMPDIR/ray, else $TMPDIR/ray, else /tmp/ray), which ``ray
+start`` writes and only ``ray stop`` removes: a head killed without ``ray stop``, a local head still running, the
+latest of several Ray instances. Joining one of those was never asked for, and fails anyway once we size the
+local Ray ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided").
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,15 @@ import os
 
 import ray
 
+logger = logging.getLogger("retina.cluster")
+
 
 def connect_ray(*, cpus_needed: float = 0.0, dashboard: bool = True, log_to_driver: bool = True) -> None:
     """Join RAY_ADDRESS's cluster, else start a local Ray; a no-op when Ray is already initialised.
 
     `cpus_needed`: the logical CPUs the caller reserves (workers); a local Ray gets at least that plus 2 for Ray
-    Data's decode tasks (Ray does not pin cores: logical CPUs above the physical count only oversubscribe).
+    Data's decode tasks (Ray does not pin cores: logical CPUs above the physical count only oversubscribe). A
+    joined cluster is sized by whoever started it.
     `dashboard`: Train V2's placement-group clean-up uses the state API in the dashboard process, so training
     and search need it; batch inference does not.
     `log_to_driver`: forward the workers' stdout/stderr to this process's console (their logs stay in Ray's log
@@ -22,13 +32,16 @@ def connect_ray(*, cpus_needed: float = 0.0, dashboard: bool = True, log_to_driv
     """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False, log_to_driver=log_to_driver)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("joining the Ray cluster at RAY_ADDRESS=%s (sized by whoever started it)", address)
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
         return
     # Ray 2.60 turns token authentication on for a new local cluster (the safe default, which we want) and warns
     # that it did, on every start; nothing for the user to do, so that one logger is kept to errors.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
+        address="local",  # always a new local Ray, whatever the current-cluster file names (module docstring)
         num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2),
         include_dashboard=dashboard,
         **({"dashboard_host": "127.0.0.1"} if dashboard else {}),
