@@ -1,7 +1,7 @@
 """The registered model over REST (``mlflow models serve``) against the same model in-process (``load_model``).
 
     python benchmarks/serving.py [--model models:/retinanet-demo@champion] [--tracking-uri sqlite:///mlflow.db]
-                                 [--images data/sample/val/images] [--requests 30] [--batch 8]
+                                 [--images data/sample/val/images] [--requests 30] [--batch 8] [--threads N]
 
 Needs a registered model in the new pyfunc format (``make demo`` registers ``retinanet-demo``; without the model
 this prints one line and exits 0, so ``make bench`` runs on a fresh clone). The alias is pinned to its version
@@ -14,7 +14,9 @@ the pyfunc model batches 8 at a time, so --batch 8 is one pass on each side). Ca
 sides, so load from other processes on the machine falls on both alike. The server's latency is the client's:
 the JSON request (base64 images, encoded once beforehand) sent, the answer received and parsed. Printed per case:
 p50 and p95 latency in ms, images/s (images over the summed latencies) and the server's p50 over in-process p50.
-Torch uses its default threads on both sides (one per core).
+Torch uses its default threads on both sides (one per core), or --threads on both. On a machine other processes
+keep busy, use --threads 1: two 2-thread processes on 2 cores stall at each parallel region's barrier whenever a
+thread is descheduled, which measured seconds per request on one side at a load average of 7-27.
 """
 
 from __future__ import annotations
@@ -60,9 +62,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=30, help="timed requests per case and side")
     parser.add_argument("--batch", type=int, default=8, help="images in a batch request")
     parser.add_argument("--warmup", type=int, default=3, help="untimed requests per case and side first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (default: torch's)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the server gets OMP_NUM_THREADS, which torch reads at its start
 
     from pipelines.inference import ModelLoadError, load_model, resolve_model, serving
     from pipelines.tracking.store import resolve_tracking_uri
@@ -83,7 +89,8 @@ def main() -> int:
 
     detector = load_model(source, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        server = serving.start(source.load_uri, tracking_uri, Path(tmp) / "serve.log")
+        threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+        server = serving.start(source.load_uri, tracking_uri, Path(tmp) / "serve.log", env=threads)
         try:
             print(f"serving {source.describe()}: {detector.cfg.backbone.name} at {detector.cfg.input.min_size} px, "
                   f"CPU, torch threads {torch.get_num_threads()}; server up {server.started_s:.1f} s after its "

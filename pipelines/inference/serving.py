@@ -52,12 +52,21 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start(model_uri: str, tracking_uri: str, log: Path, *, port: int | None = None, timeout_s: float = 300) -> Server:
-    """Start ``mlflow models serve -m model_uri --env-manager local`` (this Python's environment) and wait until it
-    answers /ping; ServerError with the log's tail when it exits or does not answer within `timeout_s`."""
+def start(
+    model_uri: str,
+    tracking_uri: str,
+    log: Path,
+    *,
+    port: int | None = None,
+    timeout_s: float = 300,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Start ``mlflow models serve -m model_uri --env-manager local`` (this Python's environment, plus `env`) and
+    wait until it answers /ping; ServerError with the log's tail when it exits or does not answer in `timeout_s`."""
     port = port or free_port()
     bin_dir = Path(sys.executable).parent  # the venv's mlflow and the uvicorn it runs
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     began = time.monotonic()
