@@ -16,15 +16,17 @@ import os
 
 import ray
 
+from cluster.ray_compat import TOKEN_SETUP_LOGGER
+
 logger = logging.getLogger("retina.cluster")
 
 
 def connect_ray(*, cpus_needed: float = 0.0, dashboard: bool = True, log_to_driver: bool = True) -> None:
     """Join RAY_ADDRESS's cluster, else start a local Ray; a no-op when Ray is already initialised.
 
-    `cpus_needed`: the logical CPUs the caller reserves (workers); a local Ray gets at least that plus 2 for Ray
-    Data's decode tasks (Ray does not pin cores: logical CPUs above the physical count only oversubscribe). A
-    joined cluster is sized by whoever started it.
+    `cpus_needed`: the logical CPUs the caller reserves (workers and the CPUs held for decoding); a local Ray gets
+    at least that (Ray does not pin cores: logical CPUs above the physical count only oversubscribe). A joined
+    cluster is sized by whoever started it.
     `dashboard`: Train V2's placement-group clean-up uses the state API in the dashboard process, so training
     and search need it; batch inference does not.
     `log_to_driver`: forward the workers' stdout/stderr to this process's console (their logs stay in Ray's log
@@ -39,10 +41,10 @@ def connect_ray(*, cpus_needed: float = 0.0, dashboard: bool = True, log_to_driv
         return
     # Ray 2.60 turns token authentication on for a new local cluster (the safe default, which we want) and warns
     # that it did, on every start; nothing for the user to do, so that one logger is kept to errors.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger(TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
     ray.init(
         address="local",  # always a new local Ray, whatever the current-cluster file names (module docstring)
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)),
         include_dashboard=dashboard,
         **({"dashboard_host": "127.0.0.1"} if dashboard else {}),
         configure_logging=False,

@@ -1,33 +1,34 @@
-"""A rank's share of a data plan (`pipelines.data.plan`) as a lazily executed Ray Dataset of model-ready rows, and
-the collate function that turns its rows into batches.
+"""A rank's share of a data plan (`pipelines.data.plan`) as a stream of model-ready batches: one Ray task decodes
+each chunk, the rank takes the chunks in plan order and cuts their rows into batches.
 
 How training consumes it (in each worker)::
 
-    chunks = plan.chunks(rank, world, start, steps)              # which rows, in which order (no Ray)
-    ds = chunk_dataset(chunks, train_decode(cfg), ordered=True)  # one decode task per chunk
-    for batch in ds.iter_torch_batches(batch_size=b, collate_fn=make_collate_fn(cfg.model.input)): ...
+    chunks = plan.chunks(rank, world, start, steps)                    # which rows, in which order (no Ray)
+    blocks = DecodeStream(chunks, train_decode(cfg), cpus, ordered=True)  # decoded chunk by chunk
+    for batch in batches(blocks, b, make_collate_fn(cfg.model.input)): ...
 
-Each rank builds and runs its own Dataset: its rows are a pure function of the plan, its rank and the step it
-starts at, so the same seed gives the same batches and a restart continues where the run stopped; no split
-coordinator decides at run time which rank gets which block.
+Why each rank drives its own tasks, not a Ray Dataset split across the ranks: its rows are then a pure function of
+the plan, its rank and the step it starts at (the same seed gives the same batches, a restart continues where the
+run stopped), no split coordinator decides at run time which rank gets which block, and every rank decodes with a
+fixed share of the CPUs reserved for decoding. (Running one Ray Dataset per rank instead, measured here, made the
+executions compete for one budget: the first to start decoded its whole run ahead while the other rank waited.)
 
-The heavy work (read the chunk's rows of a shard, decode, resize, flip) runs in ``map_batches`` tasks on CPU; each
-output row holds the resized image as uint8 (h, w, 3) — 4x less Arrow/object-store traffic than float32 — and the
-collate function only normalises and pads (see the batch contract in `retina.data.collate`). `ordered` keeps the
-tasks' outputs in chunk order (Ray Data's ``preserve_order``): without it a task that finishes early overtakes
-the ones before it, and the batches depend on timing.
+The heavy work (read the chunk's rows of a shard, decode, resize, flip) runs in the tasks; each row comes back
+with the resized image as uint8 (h, w, 3) — 4x less data to move than float32 — and the collate function only
+normalises and pads (see the batch contract in `retina.data.collate`). `ordered` takes the chunks in plan order;
+without it the first decoded is taken first, and the batches depend on timing.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import collections
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import s3
 from pipelines.data.plan import Chunk, ShardIndex, augment_key, val_chunks
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 # What a decode task reads of a shard (everything but the crowd columns, which only evaluation's ground truth needs).
 DECODE_COLUMNS = ("image_id", "file_name", "height", "width", "image", "boxes", "labels")
+COLUMNS = ("image", "image_size", "orig_size", "boxes", "labels", "image_id")  # of a decoded block, one per row
 
 
 @dataclass(frozen=True)
@@ -75,80 +77,124 @@ def _decode_row(row: dict[str, Any], decode: Decode, epoch: int) -> Any:
     return decode.transform(image, boxes, labels, int(row["image_id"]), rng)
 
 
-def decode_chunk(batch: dict[str, np.ndarray], decode: Decode) -> dict[str, Any]:
-    """map_batches UDF: one chunk (its epoch and pieces) → its model-ready rows, in the chunk's order.
+def decode_chunk(chunk: Chunk, decode: Decode) -> dict[str, Any]:
+    """One chunk → its model-ready rows, in the chunk's order (what a decode task returns).
 
-    Output columns per row: "image" uint8 (h, w, 3), "image_size" int64 (2,) (h, w) after resize, "orig_size"
+    Columns, one entry per row: "image" uint8 (h, w, 3), "image_size" int64 (2,) (h, w) after resize, "orig_size"
     int64 (2,), "boxes" float32 flattened xyxy in resized pixels, "labels" int64, "image_id" int64.
     """
-    out: dict[str, list[Any]] = {k: [] for k in ("image", "image_size", "orig_size", "boxes", "labels", "image_id")}
-    for epoch, pieces in zip(batch["epoch"], batch["pieces"], strict=True):
-        for path, rows in json.loads(pieces):
-            table = read_rows(path, rows, DECODE_COLUMNS, decode.s3_settings)
-            for row in table.to_pylist():
-                sample = _decode_row(row, decode, int(epoch))
-                out["image"].append(sample.image)
-                out["image_size"].append(np.asarray(sample.image_size, dtype=np.int64))
-                out["orig_size"].append(np.asarray(sample.orig_size, dtype=np.int64))
-                out["boxes"].append(sample.boxes.reshape(-1))
-                out["labels"].append(sample.labels)
-                out["image_id"].append(sample.image_id)
-    return {
-        "image": out["image"],  # ragged → Ray stores a variable-shaped tensor column
-        "image_size": np.stack(out["image_size"]),
-        "orig_size": np.stack(out["orig_size"]),
-        "boxes": out["boxes"],
-        "labels": out["labels"],
-        "image_id": np.asarray(out["image_id"], dtype=np.int64),
-    }
+    out: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+    for path, rows in chunk.pieces:
+        for row in read_rows(path, rows, DECODE_COLUMNS, decode.s3_settings).to_pylist():
+            sample = _decode_row(row, decode, chunk.epoch)
+            out["image"].append(sample.image)
+            out["image_size"].append(np.asarray(sample.image_size, dtype=np.int64))
+            out["orig_size"].append(np.asarray(sample.orig_size, dtype=np.int64))
+            out["boxes"].append(sample.boxes.reshape(-1))
+            out["labels"].append(sample.labels)
+            out["image_id"].append(sample.image_id)
+    return out
 
 
-def chunk_dataset(
-    chunks: Sequence[Chunk], decode: Decode, *, ordered: bool, task_options: dict[str, Any] | None = None
-) -> ray.data.Dataset:
-    """A Dataset of the chunks' decoded rows: one decode task per chunk, outputs in chunk order when `ordered`.
-
-    `task_options`: Ray options of the decode tasks (e.g. the placement group reserved for decoding)."""
-    items = [{"epoch": c.epoch, "pieces": json.dumps(c.pieces)} for c in chunks]
-    if not items:
-        raise ValueError("no chunks to decode")
-    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block, hence one task, per chunk
-    ds.context.execution_options.preserve_order = ordered
-    return ds.map_batches(decode_chunk, batch_size=1, batch_format="numpy", fn_kwargs={"decode": decode},
-                          **(task_options or {}))  # fmt: skip
+_decode_task = ray.remote(decode_chunk)
 
 
-def val_dataset(
+@dataclass(frozen=True)
+class DecodeCpus:
+    """The CPUs one rank's decode tasks may use: its `share` of the run's reservation (`group`, a placement group
+    of 1-CPU bundles), or of the cluster when `group` is None."""
+
+    share: float
+    group: Any = None  # ray.util.placement_group.PlacementGroup
+
+    @property
+    def in_flight(self) -> int:
+        """Decode tasks a rank keeps running: its share, rounded up (one at least, decoding ahead of training)."""
+        return max(1, int(-(-self.share // 1)))
+
+    def task_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": min(1.0, self.share)}  # a share below one CPU: tasks of that size
+        if self.group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group)
+        return options
+
+
+class DecodeStream:
+    """A rank's decoded chunks (`decode_chunk` blocks): at most `cpus.in_flight` decode tasks running, taken in
+    plan order (`ordered`) or as they finish. Iterating again starts over."""
+
+    def __init__(self, chunks: Sequence[Chunk], decode: Decode, cpus: DecodeCpus, *, ordered: bool = True) -> None:
+        if not chunks:
+            raise ValueError("no chunks to decode")
+        self.chunks, self.decode, self.cpus, self.ordered = list(chunks), decode, cpus, ordered
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        task = _decode_task.options(**self.cpus.task_options())
+        decode = ray.put(self.decode)  # once, not with every task
+        todo = iter(self.chunks)
+        running: collections.deque[ray.ObjectRef] = collections.deque()
+        for chunk in todo:
+            running.append(task.remote(chunk, decode))
+            if len(running) >= self.cpus.in_flight:
+                break
+        while running:
+            if self.ordered:
+                ref = running.popleft()
+            else:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                running.remove(ref)
+            block = ray.get(ref)  # re-raises the task's error (naming the shard row)
+            chunk = next(todo, None)
+            if chunk is not None:
+                running.append(task.remote(chunk, decode))
+            yield block
+
+
+def batches(
+    blocks: Iterable[dict[str, Any]], batch_size: int, collate: Callable[[dict[str, Any]], Any]
+) -> Iterator[Any]:
+    """Consecutive rows of `blocks` in batches of `batch_size` (the last one smaller when the rows run out), each
+    through `collate` (a `retina.data.collate.BatchCollator`)."""
+    pending: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+    for block in blocks:
+        for k in COLUMNS:
+            pending[k].extend(block[k])
+        while len(pending["image_id"]) >= batch_size:
+            yield collate(_take(pending, batch_size))
+    if pending["image_id"]:
+        yield collate(_take(pending, len(pending["image_id"])))
+
+
+def _take(pending: dict[str, list[Any]], n: int) -> dict[str, Any]:
+    """The first `n` rows of `pending` (removed from it) in the collator's form: ragged columns as lists."""
+    rows = {k: v[:n] for k, v in pending.items()}
+    for v in pending.values():
+        del v[:n]
+    return {**rows, "image_size": np.stack(rows["image_size"]), "orig_size": np.stack(rows["orig_size"]),
+            "image_id": np.asarray(rows["image_id"], dtype=np.int64)}  # fmt: skip
+
+
+def val_batches(
     index: ShardIndex,
     input_cfg: Any,
     batch: int,
+    cpus: DecodeCpus,
     *,
     rank: int = 0,
     world: int = 1,
     s3_settings: s3.S3Settings | None = None,
-    task_options: dict[str, Any] | None = None,
-) -> ray.data.Dataset:
+) -> Iterator[Any]:
     """The val split (rank `rank`'s part of it) for evaluation: every row once, in index order, unaugmented, in the
     same batches of `batch` at every evaluation (training's, and `pipelines/evaluate.py`'s with world 1)."""
-    return chunk_dataset(val_chunks(index, rank, world, batch), val_decode(input_cfg, s3_settings), ordered=True,
-                         task_options=task_options)  # fmt: skip
+    blocks = DecodeStream(val_chunks(index, rank, world, batch), val_decode(input_cfg, s3_settings), cpus)
+    return batches(blocks, batch, make_collate_fn(input_cfg))
 
 
-class RayCollateFn(NumpyBatchCollateFn):
-    """`BatchCollator` in the class form Ray Data asks for (plain functions are deprecated since Ray 2.47)."""
-
-    def __init__(self, collator: BatchCollator) -> None:
-        super().__init__()
-        self.collator = collator
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.collator(batch)
-
-
-def make_collate_fn(input_cfg: Any | None = None) -> RayCollateFn:
-    """``collate_fn`` for ``iter_torch_batches``: normalise with InputConfig's mean/std, pad to size_divisible."""
-    # imported here: the collator needs torch, and this module is imported by every process that unpickles a
-    # Dataset plan (see `retina.data.transforms._resize_boxes`); only the training workers collate
+def make_collate_fn(input_cfg: Any | None = None) -> BatchCollator:
+    """The collate function: normalise with InputConfig's mean/std, pad to size_divisible (torch tensors out)."""
+    # imported here: the collator needs torch, and this module is imported by processes that never collate (the
+    # decode tasks): torch's import is ~1.5 s of CPU in each (see `retina.data.transforms._resize_boxes`)
     from retina.data.collate import BatchCollator
 
-    return RayCollateFn(BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator())
+    return BatchCollator.from_input_config(input_cfg) if input_cfg is not None else BatchCollator()
+

@@ -22,7 +22,7 @@ from typing import Any
 from cluster import s3
 from cluster.connect import connect_ray
 from pipelines import console, names
-from pipelines.data.datasets import make_collate_fn, val_dataset
+from pipelines.data.datasets import DecodeCpus, val_batches
 from pipelines.data.shards import coco_gt_from_shards, label_map, load_manifest, settings_for, shard_index
 from pipelines.inference.detector import Detector, load_model
 from pipelines.inference.loss_analysis import describe, log_loss_analysis
@@ -87,12 +87,13 @@ def checked_data(detector: Detector, data: str) -> str:
     return data
 
 
-def val_batches(detector: Detector, data: str, batch_size: int) -> Iterable[dict[str, Any]]:
-    """The shards' images through training's val pipeline (decode, resize to the model's input size, collate),
-    streamed by Ray Data in shard order, `batch_size` images padded together."""
-    inp = detector.cfg.input
-    ds = val_dataset(shard_index(data), inp, batch_size, s3_settings=settings_for(data))
-    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(inp))
+def shard_batches(detector: Detector, data: str, batch_size: int) -> Iterable[dict[str, Any]]:
+    """The shards' images through training's val pipeline (decode tasks on Ray, resize to the model's input size,
+    collate), in shard order, `batch_size` images padded together."""
+    import ray
+
+    cpus = DecodeCpus(max(1.0, ray.available_resources().get("CPU", 1.0)))  # as many tasks as CPUs are free
+    return val_batches(shard_index(data), detector.cfg.input, batch_size, cpus, s3_settings=settings_for(data))
 
 
 def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation:
@@ -102,7 +103,7 @@ def run_evaluation(detector: Detector, data: str, batch_size: int) -> Evaluation
     names = dict(zip(detector.label_map.coco_ids, detector.label_map.names, strict=True))
     result = evaluate(  # training's evaluation function, on the driver: one consumer, rows in shard order
         detector.model,
-        val_batches(detector, data, batch_size),
+        shard_batches(detector, data, batch_size),
         coco_ids=list(detector.label_map.coco_ids),
         load_gt=lambda: coco_gt_from_shards(data),
         device=detector.device,
@@ -130,7 +131,7 @@ def run_loss_analysis(
     `run_evaluation`, the class outputs in fp32 (as the AP sees them), α the model's own. Streamed: memory is
     one batch plus fixed histograms."""
     data = checked_data(detector, data)
-    return analyse_batches(detector.model, val_batches(detector, data, batch_size), gammas, detector.device)
+    return analyse_batches(detector.model, shard_batches(detector, data, batch_size), gammas, detector.device)
 
 
 def _experiment_id(client: Any, detector: Detector, name: str | None) -> str:

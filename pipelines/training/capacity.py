@@ -3,9 +3,10 @@ that waits forever (Ray Train for its worker group, Ray Data for a CPU to decode
 
 A run needs its workers (scaling.min_workers for an elastic run, else scaling.num_workers; each with
 scaling.cpus_per_worker CPUs, one GPU with scaling.use_gpu, and scaling.resources_per_worker), placed whole on
-nodes, plus at least `DATA_CPUS` CPU left over for the Ray Data tasks that decode the images. The check counts the
-cluster's total resources per alive node (not what is free right now: another job's tasks come and go). On an
-autoscaling cluster, scaling.capacity_wait_s gives the autoscaler time to add nodes.
+nodes, plus scaling.data_cpus CPUs for the Ray Data tasks that decode the images (reserved for the whole run by
+`pipelines.training.reservation`). The check counts the cluster's total resources per alive node (not what is
+free right now: another job's tasks come and go). On an autoscaling cluster, scaling.capacity_wait_s gives the
+autoscaler time to add nodes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from retina.typed_config import ConfigError
 
 logger = logging.getLogger("retina.train")
 
-DATA_CPUS = 1.0  # CPUs the input pipeline needs beside the workers (each decode task takes one)
 POLL_S = 5.0
 
 
@@ -55,10 +55,16 @@ def measure(nodes: list[dict[str, Any]], sc: ScalingConfig) -> Fit:
         for k, v in res.items():
             total[k] = total.get(k, 0.0) + v
     workers = sum(_per_node_workers(res, sc) for res in alive)
-    start = min(sc.num_workers, workers) if sc.elastic else sc.num_workers
+    # an elastic run starts as many as fit beside the data reservation (pipelines/training/reservation.py)
+    beside_data = math.floor((total.get("CPU", 0.0) - sc.data_cpus) / sc.cpus_per_worker + 1e-9)
+    start = max(0, min(sc.num_workers, workers, beside_data)) if sc.elastic else sc.num_workers
     spare = total.get("CPU", 0.0) - start * sc.cpus_per_worker
     hosts = sum(1 for res in alive if res.get("CPU", 0) > 0 or res.get("GPU", 0) > 0)
     return Fit(workers, start, spare, total, hosts)
+
+
+def total_cpus(fit: Fit) -> float:
+    return fit.total.get("CPU", 0.0)
 
 
 def shortfall(fit: Fit, sc: ScalingConfig) -> str | None:
@@ -74,10 +80,12 @@ def shortfall(fit: Fit, sc: ScalingConfig) -> str | None:
         return (f"the run needs {need} workers (scaling.{'min' if sc.elastic else 'num'}_workers) of "
                 f"{sc.cpus_per_worker:g} CPUs{gpu} each (scaling.cpus_per_worker), but only {fit.workers} fit: "
                 f"{have}. {change}.")  # fmt: skip
-    if fit.spare_cpus < DATA_CPUS:
-        return (f"{fit.start_workers} workers x {sc.cpus_per_worker:g} CPUs (scaling.num_workers x "
-                f"scaling.cpus_per_worker) leave {max(fit.spare_cpus, 0):g} CPUs for the data pipeline, which needs "
-                f"at least {DATA_CPUS:g} (Ray Data would wait forever for one): {have}. {change}.")  # fmt: skip
+    if fit.start_workers < need or fit.spare_cpus < sc.data_cpus:
+        workers = max(fit.start_workers, need)
+        return (f"{workers} workers x {sc.cpus_per_worker:g} CPUs (scaling.{'min' if sc.elastic else 'num'}_workers "
+                f"x scaling.cpus_per_worker) leave {max(total_cpus(fit) - workers * sc.cpus_per_worker, 0):g} CPUs "
+                f"for the input pipeline, which reserves scaling.data_cpus={sc.data_cpus}: {have}. {change}, or "
+                "lower scaling.data_cpus.")  # fmt: skip
     return None
 
 

@@ -22,7 +22,6 @@ checkpoint (FailureConfig), which replays the same steps into the same NaN. Inst
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ import torch
 
 from pipelines import names
 from pipelines.config import Config
-from pipelines.data.datasets import chunk_dataset, make_collate_fn, train_decode, val_dataset
+from pipelines.data.datasets import DecodeCpus, DecodeStream, batches, make_collate_fn, train_decode, val_batches
 from pipelines.data.plan import Position, ShardIndex, TrainPlan
 from pipelines.tracking.logger import RunLogger
 from pipelines.training import protocol
@@ -63,7 +62,7 @@ class RunInputs:
     val_index: ShardIndex
     faults: Faults  # test-only fault injection
     run_started_at: float  # time.time() on the driver when the run started (time to first step)
-    decode_options: dict[str, Any]  # Ray options of the decode tasks (their CPU reservation)
+    data_group: Any  # the placement group of CPUs reserved for decoding (pipelines/training/reservation.py)
 
 
 class Loop:
@@ -111,7 +110,7 @@ class Loop:
         max_steps = self.cfg.train.max_steps
         for hook in self.hooks:
             hook.before_train(self)
-        batches = self._open("train", self._train_dataset(max_steps - self.step), self.per_worker_batch)
+        batches = self._train_batches(max_steps - self.step)
         while self.step < max_steps:
             batch = {k: v.to(self.parts.device, non_blocking=True) for k, v in next(batches).items()}
             for hook in self.hooks:
@@ -145,28 +144,29 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------------ data
 
-    def _train_dataset(self, steps: int) -> Any:
+    def _train_batches(self, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches for `steps` steps from where the run is (the plan's chunks, decoded in order)."""
         chunks = list(self.plan.chunks(self.rank, self.world, self.position, steps))
-        return chunk_dataset(chunks, train_decode(self.cfg, _s3_settings(self.cfg.data.train_shards)),
-                             ordered=self.cfg.train.deterministic, task_options=self.inputs.decode_options)  # fmt: skip
+        blocks = DecodeStream(chunks, train_decode(self.cfg, _s3_settings(self.cfg.data.train_shards)),
+                              self.decode_cpus, ordered=self.cfg.train.deterministic)  # fmt: skip
+        return self._watched("train", batches(blocks, self.per_worker_batch, make_collate_fn(self.cfg.model.input)))
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's part of the val split, in the same batches at every evaluation."""
-        batch = self.cfg.data.val_batch_size
-        dataset = val_dataset(self.inputs.val_index, self.cfg.model.input, batch, rank=self.rank, world=self.world,
-                              s3_settings=_s3_settings(self.cfg.data.val_shards),
-                              task_options=self.inputs.decode_options)  # fmt: skip
-        return self._open("val", dataset, batch)
+        stream = val_batches(self.inputs.val_index, self.cfg.model.input, self.cfg.data.val_batch_size,
+                             self.decode_cpus, rank=self.rank, world=self.world,
+                             s3_settings=_s3_settings(self.cfg.data.val_shards))  # fmt: skip
+        return self._watched("val", stream)
 
-    def _open(self, split: str, dataset: Any, batch: int) -> Iterator[dict[str, torch.Tensor]]:
-        batches: Iterator[Any] = iter(dataset.iter_torch_batches(batch_size=batch, collate_fn=self._collate))
+    def _watched(self, split: str, stream: Iterator[Any]) -> Iterator[dict[str, torch.Tensor]]:
         for hook in self.hooks:
-            batches = hook.wrap_batches(batches, split)
-        return batches
+            stream = hook.wrap_batches(stream, split)
+        return stream
 
-    @functools.cached_property
-    def _collate(self) -> Any:
-        return make_collate_fn(self.cfg.model.input)  # Ray's collate class form (plain callables are deprecated)
+    @property
+    def decode_cpus(self) -> DecodeCpus:
+        """This rank's share of the CPUs reserved for decoding."""
+        return DecodeCpus(self.cfg.scaling.data_cpus / self.world, self.inputs.data_group)
 
     # ------------------------------------------------------------------------------------------------ divergence
 

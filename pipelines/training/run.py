@@ -34,6 +34,7 @@ from pipelines.training.capacity import check_capacity
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.loop import RunInputs
+from pipelines.training.reservation import reserve_data_cpus
 from pipelines.training.trainer import best_checkpoint, build_trainer, read_checkpoint
 from retina.data.coco import DataError
 from retina.typed_config import ConfigError, flatten, to_dict
@@ -93,7 +94,7 @@ def prepare_run(cfg: Config) -> Prepared:
     cfg = with_absolute_paths(cfg)
     logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
     sc = cfg.scaling
-    connect_ray(cpus_needed=sc.num_workers * sc.cpus_per_worker, log_to_driver=console.is_verbose())
+    connect_ray(cpus_needed=sc.num_workers * sc.cpus_per_worker + sc.data_cpus, log_to_driver=console.is_verbose())
     capacity = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
     logger.info(
         "Ray: %g CPUs, %g GPUs on %d node(s)",
@@ -125,9 +126,16 @@ def fit(
 ) -> ray.train.Result:
     """One TorchTrainer run of `cfg` (the prepared run's config, or a search trial's variant of it) logging into
     MLflow run `run_id`; raises NonFiniteLossError on divergence."""
-    inputs = RunInputs(cfg, tracking_uri, run_id, run.label_map, run.train_index, run.val_index, faults,
-                       time.time(), decode_options={"num_cpus": 1})  # fmt: skip
-    result = build_trainer(cfg, inputs, callbacks).fit()
+    started = time.time()
+    sc = cfg.scaling
+    reservation = reserve_data_cpus(sc.data_cpus, wait_s=sc.capacity_wait_s, requester_id=f"retina-data-{run_id}",
+                                    elastic=sc.elastic)  # fmt: skip
+    inputs = RunInputs(cfg, tracking_uri, run_id, run.label_map, run.train_index, run.val_index, faults, started,
+                       reservation.group)  # fmt: skip
+    try:
+        result = build_trainer(cfg, inputs, callbacks).fit()
+    finally:
+        reservation.release()
     returned = result.return_value or {}  # rank 0's return value
     if isinstance(returned, dict) and returned.get(names.NONFINITE_KEY):
         raise NonFiniteLossError(returned[names.NONFINITE_KEY])

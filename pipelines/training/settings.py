@@ -84,6 +84,10 @@ class ScalingConfig:
     capacity_wait_s: float = 0.0
     use_gpu: bool = True
     cpus_per_worker: float = 4.0  # also the worker's torch intra-op threads on CPU
+    # CPUs held for the input pipeline's decode tasks for the whole run (a placement group created before the
+    # workers; pipelines/training/reservation.py): no (re)start of the worker group can take them, and decoding
+    # never uses more. COCO at 800/1333 decodes ~20 images/s per CPU (docs/benchmarks.md).
+    data_cpus: int = 16
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, e.g. {"A100": 1}
 
     @property
@@ -105,6 +109,7 @@ class ScalingConfig:
         require(self.resize_interval_s > 0, "scaling.resize_interval_s", "must be > 0")
         require(self.capacity_wait_s >= 0, "scaling.capacity_wait_s", "must be >= 0")
         require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        require(self.data_cpus >= 1, "scaling.data_cpus", "must be >= 1 (the input pipeline decodes on them)")
         require(all(v >= 0 for v in self.resources_per_worker.values()), "scaling.resources_per_worker", "must be >= 0")
         require(
             not {"CPU", "GPU"} & set(self.resources_per_worker),

@@ -14,7 +14,7 @@ def node(cpus: float, gpus: float = 0, alive: bool = True, **extra: float) -> di
 
 
 def scaling(**kw) -> ScalingConfig:
-    return ScalingConfig(**{"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1.0, **kw})
+    return ScalingConfig(**{"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1.0, "data_cpus": 1, **kw})
 
 
 def test_two_one_cpu_workers_on_a_two_cpu_head_leave_no_cpu_for_the_data_pipeline():
@@ -22,7 +22,8 @@ def test_two_one_cpu_workers_on_a_two_cpu_head_leave_no_cpu_for_the_data_pipelin
     fit = measure([node(2)], scaling())
     message = shortfall(fit, scaling())
     assert message is not None
-    assert "2 workers x 1 CPUs" in message and "leave 0 CPUs for the data pipeline" in message
+    assert "2 workers x 1 CPUs" in message and "leave 0 CPUs for the input pipeline" in message
+    assert "scaling.data_cpus=1" in message
     assert "scaling.num_workers" in message and "scaling.min_workers" in message and "2 CPUs" in message
 
 
@@ -35,14 +36,16 @@ def test_workers_are_placed_whole_on_nodes():
     assert "needs 4 workers (scaling.num_workers)" in message and "only 2 fit" in message and "1 GPU" in message
 
 
-def test_an_elastic_run_needs_only_its_minimum_and_dead_nodes_do_not_count():
+def test_an_elastic_run_needs_only_its_minimum_beside_the_data_reservation_and_dead_nodes_do_not_count():
     sc = scaling(num_workers=4, min_workers=2)
     nodes = [node(2), node(2), node(64, alive=False)]
     fit = measure(nodes, sc)
-    assert (fit.workers, fit.start_workers) == (4, 4)
-    assert "leave 0 CPUs" in shortfall(fit, sc)  # Ray would start all 4 and starve the data pipeline
-    fit = measure([*nodes, node(1)], sc)
-    assert shortfall(fit, sc) is None and fit.nodes == 3
+    assert (fit.workers, fit.start_workers, fit.nodes) == (4, 3, 2)  # the reserved data CPU is left out
+    assert shortfall(fit, sc) is None
+    sc = scaling(num_workers=4, min_workers=2, data_cpus=3)
+    message = shortfall(measure(nodes, sc), sc)
+    assert "leave 2 CPUs for the input pipeline, which reserves scaling.data_cpus=3" in message
+    assert shortfall(measure([*nodes, node(1)], sc), sc) is None
 
 
 def test_custom_resources_per_worker_limit_the_placement():
@@ -55,7 +58,7 @@ def test_check_capacity_raises_without_waiting_on_a_fixed_cluster(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "nodes", lambda: [node(2)])
-    with pytest.raises(CapacityError, match="leave 0 CPUs for the data pipeline"):
+    with pytest.raises(CapacityError, match="leave 0 CPUs for the input pipeline"):
         check_capacity(scaling(), "runs")
 
 

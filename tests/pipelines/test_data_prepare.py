@@ -148,8 +148,10 @@ def test_annotation_errors_stop_before_any_image_is_read(ray_local, dataset, tmp
         prepare(tmp_path / "nope.json", images, tmp_path / "out")
 
 
-def _batches(ds, collate, batch: int = 4) -> list[dict[str, torch.Tensor]]:
-    return list(ds.iter_torch_batches(batch_size=batch, collate_fn=collate))
+def _batches(blocks, collate, batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    from pipelines.data.datasets import batches
+
+    return list(batches(blocks, batch, collate))
 
 
 def _decode_cfg(min_sizes: list[int], seed: int = 0):
@@ -166,8 +168,8 @@ def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, 
     """Train: every image once per epoch, a new order per epoch, the plan's order exactly (decode tasks finish out
     of order; their outputs do not), the same pixels and boxes in two executions. Val: unaugmented, identical to the
     eval transform applied to the source image."""
-    from pipelines.data.datasets import chunk_dataset, train_decode, val_decode
-    from pipelines.data.plan import Position, TrainPlan, val_chunks
+    from pipelines.data.datasets import DecodeCpus, DecodeStream, train_decode, val_batches
+    from pipelines.data.plan import Position, TrainPlan
     from pipelines.data.shards import shard_index
 
     ann, images = dataset
@@ -180,7 +182,8 @@ def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, 
     chunks = list(plan.chunks(0, 1, Position(), 9))  # 3 epochs of 3 steps
     expected = [index.shards[[s.path for s in index.shards].index(p)].image_ids[r] for c in chunks for p, rows in
                 c.pieces for r in rows]  # fmt: skip
-    runs = [_batches(chunk_dataset(chunks, train_decode(_decode_cfg([64, 96])), ordered=True), collate) for _ in "ab"]
+    stream = DecodeStream(chunks, train_decode(_decode_cfg([64, 96])), DecodeCpus(2))  # 2 tasks at a time, in order
+    runs = [_batches(stream, collate) for _ in "ab"]
     ids = [i for b in runs[0] for i in b["image_ids"].tolist()]
     assert ids == expected
     epochs = [ids[k : k + 12] for k in range(0, 36, 12)]
@@ -192,8 +195,7 @@ def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, 
     assert {min(s) for s in sizes} == {64, 96}  # multi-scale draws both sizes
     assert runs[0][0]["images"].shape[-1] % 128 == 0 and runs[0][0]["gt_labels"].dtype == torch.int64
 
-    val = chunk_dataset(val_chunks(index, 0, 1, 4), val_decode(SimpleInput(96, 160)), ordered=True)
-    a = _batches(val, collate)
+    a = list(val_batches(index, SimpleInput(96, 160), 4, DecodeCpus(2)))
     assert [x["image_ids"].tolist() for x in a] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
     # unaugmented: identical to the eval transform applied directly to the source image and JSON boxes
     source = json.loads(Path(ann).read_text())
@@ -213,6 +215,7 @@ def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, 
 class SimpleInput:
     def __init__(self, min_size: int, max_size: int) -> None:
         self.min_size, self.max_size = min_size, max_size
+        self.size_divisible, self.image_mean, self.image_std = 128, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def test_read_rows_takes_rows_in_the_order_asked_from_only_their_row_groups(tmp_path):

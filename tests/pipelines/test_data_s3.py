@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cluster import s3
-from pipelines.data.datasets import Decode, chunk_dataset, make_collate_fn
+from pipelines.data.datasets import Decode, DecodeCpus, DecodeStream, batches, make_collate_fn
 from pipelines.data.plan import Position, TrainPlan
 from pipelines.data.prepare import BadImageError, prepare
 from pipelines.data.shards import MANIFEST, coco_gt_from_shards, load_manifest, shard_index
@@ -47,7 +47,6 @@ def test_prepare_from_s3_to_s3_then_train_batches(ray_local, s3_server, tmp_path
     index = shard_index(out)
     plan = TrainPlan(index, seed=1, batch=3)
     decode = Decode(TrainAugment([64], 128, 0.5), seed=1, s3_settings=s3.S3Settings.from_env())
-    ds = chunk_dataset(list(plan.chunks(0, 1, Position(), plan.steps_per_epoch(1))), decode, ordered=True)
-    batches = ds.iter_torch_batches(batch_size=3, collate_fn=make_collate_fn())
-    ids = [i for b in batches for i in b["image_ids"].tolist()]
+    blocks = DecodeStream(list(plan.chunks(0, 1, Position(), plan.steps_per_epoch(1))), decode, DecodeCpus(2))
+    ids = [i for b in batches(blocks, 3, make_collate_fn()) for i in b["image_ids"].tolist()]
     assert sorted(ids) == [1, 2, 3, 5, 6, 7, 8, 9, 10]

@@ -165,14 +165,14 @@ def test_trial_names_carry_the_creation_number():
 
 
 def test_concurrency_follows_cluster_and_trial_needs():
-    gpu = cfg_with("scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4")
+    gpu = cfg_with("scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4", "scaling.data_cpus=1")
     assert experiment.trial_resources(gpu) == {"CPU": 8.25, "GPU": 2.0}
     assert experiment.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=10) == 4  # GPU-bound
-    assert experiment.max_concurrent(gpu, {"CPU": 20, "GPU": 8}, num_trials=10) == 2  # CPU-bound (+1 CPU for data)
+    assert experiment.max_concurrent(gpu, {"CPU": 20, "GPU": 8}, num_trials=10) == 2  # CPU-bound (+1 data CPU)
     assert experiment.max_concurrent(gpu, {"CPU": 64, "GPU": 8}, num_trials=3) == 3  # no more than the trials
-    capped = cfg_with("scaling.use_gpu=true", "tuning.max_concurrent_trials=1")
+    capped = cfg_with("scaling.use_gpu=true", "tuning.max_concurrent_trials=1", "scaling.data_cpus=1")
     assert experiment.max_concurrent(capped, {"CPU": 64, "GPU": 8}, num_trials=10) == 1
-    cpu = cfg_with("scaling.num_workers=1")  # 1 worker x 1 CPU + 0.25 for the trial + 1 for its data tasks
+    cpu = cfg_with("scaling.num_workers=1", "scaling.data_cpus=1")  # 1 worker x 1 CPU + 0.25 + 1 reserved for data
     assert experiment.max_concurrent(cpu, {"CPU": 4}, num_trials=3) == 1
     assert experiment.max_concurrent(cpu, {"CPU": 8}, num_trials=3) == 3
     assert experiment.max_concurrent(cpu, {"CPU": 2}, num_trials=3) == 1  # does not fit now: one at a time
