@@ -39,10 +39,6 @@ from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run,
 
 logger = logging.getLogger("retina.tune")
 
-# CPUs a trial's Ray Data decode tasks need beside its workers: not reserved, but counted when deciding how many
-# trials run side by side (with none left over, every trial's input pipeline crawls one task at a time).
-DATA_CPUS_PER_TRIAL = 1.0
-
 
 @dataclass
 class SearchOutcome:
@@ -114,7 +110,7 @@ def trial_resources(cfg: SearchConfig) -> dict[str, float]:
 def max_concurrent(cfg: SearchConfig, cluster: dict[str, float], num_trials: int) -> int:
     """floor(cluster resources / one trial's needs) over CPU, GPU and custom resources, capped by the flag."""
     need = trial_resources(cfg)
-    need["CPU"] += DATA_CPUS_PER_TRIAL
+    need["CPU"] += cfg.scaling.data_cpus  # each trial reserves its own (pipelines/training/reservation.py)
     fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
     if fits < 1:
         # An autoscaling cluster may add the nodes later: run one at a time rather than refuse.
