@@ -5,8 +5,8 @@ Two entry points:
   (3, H, W) tensors in 0..1; the model resizes, normalises and pads them itself. Train mode returns
   ``{"loss_cls", "loss_box"}``; eval mode returns per image ``{"boxes", "scores", "labels"}`` with boxes in
   the input image's pixels.
-- ``model.forward_batch(batch)`` / ``model.predict_batch(batch)``: the training pipeline's path, taking the
-  collated batch that the data pipeline prepared on CPU workers (already resized, normalised and padded).
+- ``model.losses(images, gt_boxes, gt_labels)`` / ``model.predict_batch(batch)``: the training pipeline's path,
+  taking the collated batch that the data pipeline prepared on CPU workers (already resized, normalised, padded).
 """
 
 from __future__ import annotations
@@ -83,10 +83,6 @@ class RetinaNet(nn.Module):
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ batch API
-
-    def forward_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The data pipeline's collated batch ("images", "gt_boxes", "gt_labels") → loss dict."""
-        return self.losses(batch["images"], batch["gt_boxes"], batch["gt_labels"])
 
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Collated batch ("images", "image_sizes", "orig_sizes") → detections in original-image pixels."""

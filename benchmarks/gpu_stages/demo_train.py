@@ -89,7 +89,8 @@ def train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], plan: 
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, 0.1 + 0.9 * step / warmup)
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            parts = model.forward_batch(batches[step % len(batches)])
+            b = batches[step % len(batches)]
+            parts = model.losses(b["images"], b["gt_boxes"], b["gt_labels"])
             loss = parts["loss_cls"] + parts["loss_box"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

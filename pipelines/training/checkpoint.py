@@ -11,7 +11,6 @@ A checkpoint is never written with non-finite weights: `save_checkpoint` checks 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -117,16 +116,9 @@ def _metrics(directory: Path, in_state: str) -> dict[str, float]:
 def model_from_state(state: TrainState) -> RetinaNet:
     """The trained detector of a checkpoint, rebuilt from the checkpoint's own config: the one checkpoint → model
     path (training's registration, the search's, inference). Errors name what does not fit."""
-    from retina.config import ModelConfig
-    from retina.model import build_retinanet
-    from retina.typed_config import config_from_dict
+    from retina.inference.bundle import model_from_config
 
-    model_cfg = config_from_dict(state.config.get("model", {}), cls=ModelConfig)
-    # The weights come from the checkpoint: never read the backbone's ImageNet file (it may not exist here).
-    model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, weights=None))
-    model = build_retinanet(model_cfg)
     try:
-        model.load_state_dict(state.model)
+        return model_from_config(state.config, state.model)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint at step {state.step}: weights do not fit its config: {exc}") from None
-    return model

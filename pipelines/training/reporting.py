@@ -167,10 +167,10 @@ def log_evaluation(
         "num_detections": result.num_detections,
         "confusion": result.confusion,
     }
-    tracker.log_dict(report_json, "evaluation/report.json")
-    tracker.log_text(confusion_table(result.confusion) + "\n", "evaluation/confusion.txt")
+    tracker.log_dict(report_json, names.EVAL_REPORT_ARTIFACT)
+    tracker.log_text(confusion_table(result.confusion) + "\n", names.EVAL_CONFUSION_ARTIFACT)
     text = "\n".join([coco.report, per_class_table(per_class), agnostic_line(coco.agnostic, coco.metrics)])
-    tracker.log_text(text, "evaluation/cocoeval.txt")
+    tracker.log_text(text, names.EVAL_COCOEVAL_ARTIFACT)
     if result.samples:
         # matplotlib is imported here, at the one evaluation that draws: every training worker imports this module
         # at start-up, when its ~0.3 s of CPU is on the way to the first step
@@ -178,5 +178,5 @@ def log_evaluation(
 
         for sample in result.samples:
             fig = plots.detections_figure(sample, list(labels.names))
-            tracker.log_figure(fig, f"val_images/image_{sample.image_id:06d}.png")
+            tracker.log_figure(fig, f"{names.VAL_IMAGES_ARTIFACT_DIR}/image_{sample.image_id:06d}.png")
             plots.close(fig)

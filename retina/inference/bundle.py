@@ -60,10 +60,8 @@ def write_bundle(
 
 
 def model_from_config(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> RetinaNet:
-    """The run config's ``model`` section → a RetinaNet of this code with `state_dict` loaded (eval mode).
-
-    The same steps as pipelines.training.checkpoint.model_from_state, for a model outside a checkpoint.
-    """
+    """The run config's ``model`` section → a RetinaNet of this code with `state_dict` loaded (eval mode): the one
+    config + weights → model path (model bundles, and checkpoints through `pipelines.training.checkpoint`)."""
     model_cfg = config_from_dict(config.get("model", {}), cls=ModelConfig)
     # The weights come from the state dict: never read the backbone's ImageNet file (it may not exist here).
     model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, weights=None))

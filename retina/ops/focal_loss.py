@@ -6,7 +6,7 @@ foreground, ``-1`` for background, ``-2`` for ignored. ``alpha < 0`` disables α
 
 Backends (keyword ``backend=`` or environment variable ``RETINA_FOCAL_LOSS``; the keyword wins):
 
-- ``auto`` / ``fused`` (default): CUDA tensors -> ``triton``; anything else -> ``compiled`` for logits of at least
+- ``auto`` (default): CUDA tensors -> ``triton``; anything else -> ``compiled`` for logits of at least
   ``COMPILE_MIN_ELEMENTS`` elements, ``eager`` below. Why: the first compile costs ~15-25 s on a 2-core machine with
   a cold cache, and on small logits the compiled kernel saves little (the demo's 26k x 5 bf16 logits: 1.2 ms
   compiled against 4.8 ms eager per step, 5 s over 1500 steps); on COCO-sized ones (480k x 80) it is 8x faster.
@@ -63,7 +63,7 @@ def sigmoid_focal_loss_reference(
     raise ValueError(f"reduction must be none, mean or sum, got {reduction!r}")
 
 
-BACKENDS = ("auto", "fused", "triton", "compiled", "eager", "reference")
+BACKENDS = ("auto", "triton", "compiled", "eager", "reference")
 REDUCTIONS = ("sum", "mean", "none")
 COMPILE_MIN_ELEMENTS = 2**20  # auto on CPU: smaller logits run eager (see the module docstring)
 
@@ -74,7 +74,7 @@ def resolve_backend(backend: str | None, device: torch.device, numel: int | None
     name = (backend or os.environ.get("RETINA_FOCAL_LOSS") or "auto").strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"focal loss backend must be one of {BACKENDS}, got {name!r} (RETINA_FOCAL_LOSS?)")
-    if name in ("auto", "fused"):
+    if name == "auto":
         if device.type == "cuda" and _triton_importable():
             return "triton"
         return "eager" if numel is not None and numel < COMPILE_MIN_ELEMENTS else "compiled"

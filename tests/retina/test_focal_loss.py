@@ -197,7 +197,9 @@ def test_environment_variable_selects_backend(monkeypatch):
     loss = sigmoid_focal_loss(x, labels)
     assert loss.grad_fn.name() != "FusedFocalLossBackward"
     assert torch.equal(loss, sigmoid_focal_loss_reference(logits, labels)) and calls == [1]
-    assert resolve_backend("fused", torch.device("cpu")) == "compiled"
+    assert resolve_backend("auto", torch.device("cpu")) == "compiled"  # size unknown: compiled
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_backend("fused", torch.device("cpu"))  # no synonyms: one name per backend
     # auto on CPU: small logits run eager (a compile costs more than it saves there), large ones compiled
     assert resolve_backend("auto", torch.device("cpu"), 26_400 * 5) == "eager"
     assert resolve_backend("auto", torch.device("cpu"), 480_000 * 80) == "compiled"
