@@ -89,7 +89,13 @@ def main() -> None:
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     os.environ.update(env)  # before Ray starts: its workers upload with these
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="checkpoints")
-    ray.init(num_cpus=args.workers + 1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.workers + 1,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
 
     cfg = load_config(
         args.config, [f"scaling.num_workers={args.workers}", "scaling.min_workers=0", "scaling.use_gpu=false"]

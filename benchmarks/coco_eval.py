@@ -105,7 +105,7 @@ def main() -> None:
     backends = list(evaluation.BACKENDS)
     diff = _same(results[backends[0]], results[backends[-1]])
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     evaluator = BackgroundEvaluator(gt, coco_ids, backend=evaluation.DEFAULT_BACKEND)
     start = time.perf_counter()
     evaluator.submit(step=1, predictions=Predictions(image_ids, predictions), extra=None)

@@ -1,4 +1,4 @@
-"""Images/s of the Ray Data input path vs a torch DataLoader doing the same work, on this machine.
+"""Images/s of the training input path vs a torch DataLoader doing the same work, on this machine.
 
     python benchmarks/data_pipeline.py [--profile sample|coco] [--num-images 1200] [--min-size 512]
                                        [--max-size 853] [--batch-size 8] [--rows-per-shard 64]
@@ -10,10 +10,10 @@ per H100).
 
 Both sides produce the same contract batches (retina.data.collate) from the same synthetic JPEGs with the same
 training transform (decode → random scale from [min_size] → random flip → normalise → pad to 128):
-- Ray Data: Parquet shards → read_parquet → per-epoch shuffle → map_batches(decode, resize, flip) →
-  iter_torch_batches(collate_fn) (what a Ray Train worker runs), Ray limited to `--cpus` CPUs, with both
-  shuffle modes: rows (an exact random_shuffle of every row) and files (a new shard order per epoch, rows
-  permuted within each decode task);
+- the training path (what one Ray Train worker runs): Parquet shards → the data plan (a new shard order per epoch,
+  rows permuted within each 64-row chunk) → one Ray task per chunk (read its rows, decode, resize, flip), `--cpus`
+  tasks at a time → batches → collate; with train.deterministic on (chunks taken in plan order) and off (taken
+  as they finish), to measure the price of determinism;
 - torch DataLoader: a map-style Dataset reading the JPEG files, `--cpus` workers (forkserver), shuffle=True.
 Each side runs `--epochs` epochs; the table reports the first epoch (which pays for worker start-up), the later
 epochs, and all epochs together. Shard preparation is not timed.
@@ -91,32 +91,27 @@ def bench_dataloader(root: Path, ann: Path, augment: TrainAugment, args) -> list
     return _run_epochs(lambda: iter(loader), args.epochs)
 
 
-def bench_ray(shards: str, augment: TrainAugment, args, shuffle: str, stream: bool = False) -> list[tuple[int, float]]:
-    """Training's own input path: the train Dataset of `datasets_from_config` for a run config with these sizes;
-    `stream`: every epoch in one execution (data.stream_epochs, what training does with shuffle=files)."""
-    from pipelines.config import load_config
-    from pipelines.data.datasets import datasets_from_config, make_collate_fn
+def bench_stream(shards: str, augment: TrainAugment, args, ordered: bool) -> list[tuple[int, float]]:
+    """Training's own input path for one rank of one: the run's data plan (a new shard order per epoch, rows
+    permuted per chunk) decoded by Ray tasks, `args.cpus` at a time (what `scaling.data_cpus` gives a rank),
+    every epoch in one stream; `ordered` = train.deterministic (chunks taken in plan order, not as they finish)."""
+    from pipelines.data.datasets import Decode, DecodeCpus, DecodeStream, batches, make_collate_fn
+    from pipelines.data.plan import Position, TrainPlan
+    from pipelines.data.shards import shard_index
 
-    cfg = load_config(None, [
-        f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.shuffle={shuffle}",
-        f"data.batch_size={args.batch_size}", f"data.flip_prob={augment.flip_prob}",
-        f"model.input.min_size={augment.min_sizes[0]}", f"model.input.max_size={augment.max_size}",
-        "scaling.num_workers=1", "train.seed=0",
-    ])  # fmt: skip
-    collate = make_collate_fn(cfg.model.input)
-    if stream:
-        ds, _ = datasets_from_config(cfg, passes=args.epochs)
-        return _split_stream(ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args)
-    ds, _ = datasets_from_config(cfg)
-    return _run_epochs(lambda: ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate), args.epochs)
+    plan = TrainPlan(shard_index(shards), seed=0, batch=args.batch_size)
+    per_epoch = plan.steps_per_epoch(1)
+    chunks = list(plan.chunks(0, 1, Position(), per_epoch * args.epochs))
+    stream = DecodeStream(chunks, Decode(augment, seed=0, s3_settings=None), DecodeCpus(args.cpus), ordered=ordered)
+    return _split_stream(batches(stream, args.batch_size, make_collate_fn()), per_epoch * args.batch_size, args.epochs)
 
 
-def _split_stream(batches, args) -> list[tuple[int, float]]:
-    """[(images, seconds)] per epoch-worth of images of one stream (the epochs follow each other without a gap)."""
+def _split_stream(batches, epoch_images: int, epochs: int) -> list[tuple[int, float]]:
+    """[(images, seconds)] per epoch of one stream (the epochs follow each other without a gap)."""
     out, start, n = [], time.perf_counter(), 0
     for batch in batches:
         n += int(batch["images"].shape[0])
-        if n >= args.num_images - args.batch_size and len(out) < args.epochs - 1:  # this epoch's last batch
+        if n >= epoch_images and len(out) < epochs - 1:  # this epoch's last batch
             now = time.perf_counter()
             out.append((n, now - start))
             start, n = now, 0
@@ -126,7 +121,7 @@ def _split_stream(batches, args) -> list[tuple[int, float]]:
 
 def _rates(epochs: list[tuple[int, float]]) -> tuple[float, float, float]:
     """(first epoch, the epochs after it, all epochs) in images/s. With the epochs streamed, work done during one
-    epoch's measurement (decoded blocks waiting in the object store) counts in the next: compare "all epochs"."""
+    epoch's measurement (decoded chunks waiting to be taken) counts in the next: compare "all epochs"."""
     first = epochs[0][0] / epochs[0][1]
     rest = epochs[1:] or epochs
     overall = sum(n for n, _ in epochs) / sum(s for _, s in epochs)
@@ -161,13 +156,13 @@ def main() -> None:
 
     dl = bench_dataloader(work / "raw" / "images", ann, augment, args)
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     prepare(ann, work / "raw" / "images", work / "shards", rows_per_shard=args.rows_per_shard, overwrite=True)
     results = {"torch DataLoader": dl}
-    for shuffle in ("rows", "files"):
-        results[f"Ray Data (shuffle={shuffle})"] = bench_ray(str(work / "shards"), augment, args, shuffle)
-    results["Ray Data (shuffle=files, epochs streamed)"] = bench_ray(str(work / "shards"), augment, args, "files", True)
+    for ordered in (True, False):
+        name = f"decode tasks, train.deterministic={str(ordered).lower()}"
+        results[name] = bench_stream(str(work / "shards"), augment, args, ordered)
     ray.shutdown()
 
     dl_rate, dl_overall = _rates(dl)[1:]
@@ -186,8 +181,8 @@ def main() -> None:
         print(f"| {name} | {first:.1f} | {steady:.1f} | {steady / dl_rate:.2f} | {overall:.1f} | "
               f"{overall / dl_overall:.2f} | {per_core:.1f} | {cores} |")  # fmt: skip
     print(
-        "\nratios against the torch DataLoader's; 'later epochs' of a streamed run count decoded blocks that "
-        "waited in the object store, so compare streams on 'all epochs'"
+        "\nratios against the torch DataLoader's; 'later epochs' of a stream count decoded chunks that waited, so "
+        "compare on 'all epochs'"
     )
 
 

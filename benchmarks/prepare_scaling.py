@@ -87,7 +87,7 @@ def main() -> None:
         generate(work / "raw", largest, seed=0, profile="coco", workers=args.cpus)
         print(f"generated {largest} COCO-shaped images in {time.perf_counter() - start:.0f} s (not timed below)")
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # untimed: Ray's first tasks start worker processes (imports), a one-off cost that is not per image
     prepare(str(subset(annotations, 20)), str(work / "raw" / "images"), str(work / "shards_warmup"), overwrite=True)

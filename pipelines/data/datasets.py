@@ -109,8 +109,9 @@ class DecodeCpus:
 
     @property
     def in_flight(self) -> int:
-        """Decode tasks a rank keeps running: its share, rounded up (one at least, decoding ahead of training)."""
-        return max(1, int(-(-self.share // 1)))
+        """Decode tasks a rank keeps submitted: its share of CPUs rounded up, plus one queued, so that a CPU whose
+        task finished early (taken in order, it waits behind the one before) starts the next chunk at once."""
+        return max(1, int(-(-self.share // 1))) + 1
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": min(1.0, self.share)}  # a share below one CPU: tasks of that size
