@@ -120,6 +120,6 @@ def test_the_checks_catch_wrong_names():
     assert model_problems("load models:/retinanet@champion", registered_models())
     assert model_problems("models:/retinanet-demo@latest", registered_models())
     assert not model_problems("models:/retinanet-demo@champion or models:/NAME@ALIAS", registered_models())
-    good = 'python pipelines/train.py --config configs/demo.yaml\nray job submit -- "$(python -m cluster.runtime_env)"'
+    good = "python pipelines/train.py --config configs/demo.yaml\nray job submit -- python -m cluster.local start"
     assert block_problems(good + "\nmake demo", make_targets()) == []
     assert shell_blocks("text\n```bash\nmake demo\n```\n```python\nmake nope\n```\n") == ["make demo\n"]

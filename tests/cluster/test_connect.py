@@ -78,12 +78,12 @@ def test_stale_current_cluster_file_starts_a_local_ray(ray_tmpdir):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in output, output[-4000:]
     _, address, cpus = next(line for line in proc.stdout.splitlines() if line.startswith("CLUSTER")).split()
-    assert address != stale and cpus == "8"  # 6 for the workers + 2 for Ray Data
+    assert address != stale and cpus == "6"  # what the caller asked for (its workers and decode CPUs)
     assert len(sessions(ray_tmpdir)) == 1  # its session lives in RAY_TMPDIR: a local Ray of its own
 
 
 def test_ray_address_joins_that_cluster_unsized(ray_local, ray_tmpdir):
-    """RAY_ADDRESS set: the session's Ray is joined as it is (4 CPUs, not the 8 asked for), one line says so."""
+    """RAY_ADDRESS set: the session's Ray is joined as it is (4 CPUs, not the 6 asked for), one line says so."""
     address = ray_local.get_runtime_context().gcs_address
     proc = run(["-c", CONNECT, "6"], ray_tmpdir, timeout=120, RAY_ADDRESS=address)
     output = proc.stdout + proc.stderr

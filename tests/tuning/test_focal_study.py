@@ -38,10 +38,19 @@ def _grid_params(cfg) -> list[dict[str, float]]:
     return [params for _, params in generate_variants(space.grid_space(cfg.tuning))]
 
 
+def _assert_demo_scaling_per_trial(cfg, demo) -> None:
+    """The demo's scaling, except the decode CPUs: one per trial, so that two trials fit side by side where the
+    demo alone takes two."""
+    scaling, demo_scaling = to_dict(cfg.scaling), to_dict(demo.scaling)
+    assert (scaling.pop("data_cpus"), demo_scaling.pop("data_cpus")) == (1, 2)
+    assert scaling == demo_scaling
+
+
 def test_study_preset_is_the_demo_recipe_with_the_paper_grid():
     cfg, demo = load_search_config(STUDY), load_config(CONFIGS / "demo.yaml")
-    for section in ("model", "data", "train", "scaling"):
+    for section in ("model", "data", "train"):
         assert to_dict(getattr(cfg, section)) == to_dict(getattr(demo, section)), section
+    _assert_demo_scaling_per_trial(cfg, demo)
     t = cfg.tuning
     assert (t.search_alg, t.scheduler, t.prior.kind, t.lr.kind) == ("grid", "none", "fixed", "fixed")
     assert [d.name for d in space.searched(t)] == ["gamma", "alpha"] and space.grid_size(t) == 15
@@ -52,8 +61,9 @@ def test_study_preset_is_the_demo_recipe_with_the_paper_grid():
 
 def test_prior_study_preset_searches_pi_with_cross_entropy():
     cfg, demo = load_search_config(PRIOR_STUDY), load_config(CONFIGS / "demo.yaml")
-    for section in ("data", "train", "scaling"):
+    for section in ("data", "train"):
         assert to_dict(getattr(cfg, section)) == to_dict(getattr(demo, section)), section
+    _assert_demo_scaling_per_trial(cfg, demo)
     model, demo_model = to_dict(cfg.model), to_dict(demo.model)
     assert model.pop("loss") != demo_model.pop("loss") and model == demo_model  # only the loss differs
     assert (cfg.model.loss.gamma, cfg.model.loss.alpha) == (0.0, -1.0)  # the paper's standard CE
