@@ -69,7 +69,10 @@ class TuningConfig:
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
     search_alg: str = "tpe"  # tpe (Optuna, seeded) | random (Optuna, seeded) | grid
     scheduler: str = "asha"  # asha (stops weak trials early, by epoch) | none
-    seed: int = 0
+    seed: int = 0  # the searcher's (Optuna's) seed; the trials' training seed is train.seed
+    # Trainings per configuration, with train.seed = base, base + 1, ... (base: train.seed); the table ranks the
+    # configurations by their mean val/AP (tuning/seeds.py, tuning/configurations.py)
+    seeds: int = 1
     tpe_startup_trials: int = 5  # random suggestions before TPE models the results
     grid_points: int = 3  # grid: evenly spaced points per searched range (log-spaced for loguniform)
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
@@ -141,6 +144,9 @@ def validate_tuning(t: TuningConfig) -> None:
     require(t.max_concurrent_trials >= 0, "tuning.max_concurrent_trials", "must be >= 0 (0: as many as fit)")
     require(t.search_alg in SEARCH_ALGS, "tuning.search_alg", f"must be one of {', '.join(SEARCH_ALGS)}")
     require(t.scheduler in SCHEDULERS, "tuning.scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+    # the loader already refuses a non-integer; a TuningConfig built in code is checked here too (True is not 1)
+    is_count = isinstance(t.seeds, int) and not isinstance(t.seeds, bool)
+    require(is_count and t.seeds >= 1, "tuning.seeds", f"must be an integer >= 1, got {t.seeds!r}")
     require(t.tpe_startup_trials >= 0, "tuning.tpe_startup_trials", "must be >= 0")
     require(t.grid_points >= 1, "tuning.grid_points", "must be >= 1")
     require(t.grace_period >= 1, "tuning.grace_period", "must be >= 1 (epochs)")

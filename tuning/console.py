@@ -25,6 +25,7 @@ from ray import tune
 from cluster import s3
 from pipelines.names import EPOCH, TRIAL_FINISHED_KEY, VAL_AP50
 from tuning import results as res
+from tuning.seeds import SEED_KEY
 from tuning.space import METRIC
 
 logger = logging.getLogger("retina.tune")
@@ -104,9 +105,10 @@ def _ap(value: float | None) -> str:
 
 
 def trial_line(r: res.TrialRow, names: Sequence[str], detail: str = "") -> str:
-    """One trial as it ended: name, end state, hyperparameters `names`, best val/AP with its AP50, epochs run, and
-    `detail` (a failure's error) on a second line."""
-    params = " ".join(f"{n}={r.params[n]:.4g}" for n in names if n in r.params)
+    """One trial as it ended: name, end state, hyperparameters `names` (and its seed, when the search has several),
+    best val/AP with its AP50, epochs run, and `detail` (a failure's error) on a second line."""
+    params = " ".join([*(f"{n}={r.params[n]:.4g}" for n in names if n in r.params),
+                       *([f"seed={r.seed}"] if r.seed is not None else [])])  # fmt: skip
     epochs = f"{r.epochs} epoch{'' if r.epochs == 1 else 's'}"
     line = f"{r.name}  {res.end_state(r):<20}  {params}  {METRIC} {_ap(r.best_ap)}  AP50 {_ap(r.ap50)}  {epochs}"
     return line + (f"\n         {detail}" if detail else "")
@@ -158,7 +160,9 @@ class TrialLines(tune.Callback):
         params = {n: float(config.get(n, self.base[n])) for n in self.names if n in config or n in self.base}
         ap, ap50 = self._best(trial)
         epochs = int((trial.last_result or {}).get(EPOCH, 0))
-        return res.TrialRow(str(trial), trial.trial_id, params, ap, epochs, status, error, ap50=ap50)
+        seed = config.get(SEED_KEY)
+        return res.TrialRow(str(trial), trial.trial_id, params, ap, epochs, status, error, ap50=ap50,
+                            seed=None if seed is None else int(seed))  # fmt: skip
 
     def _best(self, trial: Any) -> tuple[float | None, float | None]:
         """Best val/AP and its AP50; a restored trial's evaluations before this driver are known by their maximum

@@ -1,5 +1,7 @@
-"""A hyperparameter search as a library: the Tune experiment over γ, α, π (, lr), each trial one Ray Train run
-(`tuning.trial`), results read back from storage (`tuning.results`), the best model registered and promoted.
+"""A hyperparameter search as a library: the Tune experiment over γ, α, π (, lr), each configuration trained with
+`tuning.seeds` seeds (`tuning.seeds`), each trial one Ray Train run (`tuning.trial`), results read back from storage
+(`tuning.results`) and grouped by configuration (`tuning.configurations`), the best configuration's best seed's
+model registered and promoted.
 The command over it is ``python tuning/search.py`` (its --help describes resume, MLflow and the cluster).
 """
 
@@ -31,10 +33,13 @@ from pipelines.training.faults import Faults
 from pipelines.training.run import Prepared, prepare_run
 from pipelines.training.trainer import read_checkpoint
 from retina.typed_config import flatten, to_dict
+from tuning import configurations as cf
+from tuning import paper as pp
 from tuning import results as res
+from tuning import seeds
 from tuning.config import SearchConfig
 from tuning.console import TrialLines, configure, shown_names, tune_output
-from tuning.space import DIMENSIONS, METRIC, Dimension, build_searcher, grid_size, grid_space, searched
+from tuning.space import DIMENSIONS, METRIC, Dimension, searched
 from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, run_trial
 
 logger = logging.getLogger("retina.tune")
@@ -47,7 +52,7 @@ class SearchOutcome:
     tracking_uri: str
     rows: list[res.TrialRow]
     table: str
-    best: res.TrialRow | None
+    best: res.TrialRow | None  # the trial registered: the best seed of the best configuration (`best_config`)
     best_run_id: str | None  # the best trial's MLflow child run
     model: LoggedModel | None  # registered model of the best trial (None: no trial finished, or done before)
     champion: res.ChampionDecision | None
@@ -56,6 +61,8 @@ class SearchOutcome:
     paper_table: str = ""  # a grid over one or two hyperparameters: the paper's layout (tuning.results)
     experiment: str = ""  # the MLflow experiment of the parent run
     experiment_id: str = ""
+    best_config: cf.Configuration | None = None  # the best mean val/AP over its seeds (tuning.configurations)
+    configurations_table: str = ""  # one line per configuration, best mean first (only with several seeds)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -177,30 +184,41 @@ def trial_lines(cfg: SearchConfig, experiment_display: str) -> TrialLines:
 def paper_dims(cfg: SearchConfig) -> list[Dimension] | None:
     """The searched dimensions when the search is a grid the paper's table can show (one or two), else None."""
     dims = searched(cfg.tuning)
-    return dims if cfg.tuning.search_alg == "grid" and res.paper_layout(dims) is not None else None
+    return dims if cfg.tuning.search_alg == "grid" and pp.paper_layout(dims) is not None else None
 
 
 def _log_results(
     client: MlflowClient, parent: str, rows: list[res.TrialRow], cfg: SearchConfig, table: str, paper: str
 ) -> None:
     dims = searched(cfg.tuning)
+    configs = cf.by_mean(cf.group(rows))
     with tempfile.TemporaryDirectory() as tmp:
         res.write_csv(rows, dims, Path(tmp) / "results.csv")
         (Path(tmp) / "results.txt").write_text(table + "\n")
+        # per configuration, whatever tuning.seeds is (n = 1 each with one seed): one schema for every search
+        cf.write_csv(configs, dims, Path(tmp) / "configurations.csv")
+        (Path(tmp) / "configurations.txt").write_text(cf.format_table(configs, dims) + "\n")
         if paper:  # the study presets (configs/focal_study.yaml): the paper's Table 1 layout
-            res.write_paper_csv(rows, dims, Path(tmp) / "paper_table.csv")
+            pp.write_paper_csv(rows, dims, Path(tmp) / "paper_table.csv")
             (Path(tmp) / "paper_table.txt").write_text(paper + "\n")
         client.log_artifacts(parent, tmp, "search")
     fig = res.plot(rows, dims)
     client.log_figure(parent, fig, "search/val_AP_vs_hyperparameters.png")
     if paper:
-        client.log_figure(parent, res.heatmap(rows, dims), "search/val_AP_heatmap.png")
+        client.log_figure(parent, pp.heatmap(rows, dims), "search/val_AP_heatmap.png")
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped", "failed")}
     metrics = {f"search/trials_{s}": float(n) for s, n in counts.items()}
     metrics["search/trials_diverged"] = float(sum(r.diverged for r in rows))  # among the failed ones
     aps = [r.best_ap for r in rows if r.best_ap is not None and r.status != "failed"]
     if aps:
-        metrics["search/best_val_AP"] = max(aps)
+        metrics["search/best_val_AP"] = max(aps)  # the best single trial (seed), whichever configuration it is in
+    metrics["search/configurations"] = float(len(configs))
+    best = cf.champion(configs)
+    if best is not None:  # the champion configuration: its mean, spread and n over its seeds
+        metrics["search/best_config_mean_val_AP"] = float(best.mean or 0.0)
+        metrics["search/best_config_n"] = float(best.n)
+        if best.std is not None:
+            metrics["search/best_config_std_val_AP"] = best.std
     for key, value in metrics.items():
         client.log_metric(parent, key, value)
 
@@ -243,16 +261,20 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
         client = MlflowClient(tracking_uri)
         rows = res.with_initial_losses(res.collect(experiment_path, filesystem), client, parent_id)
         table = res.format_table(res.by_ap(rows), searched(t))
+        configs = cf.group(rows)
+        # with one seed each configuration is one trial: the trial table says it all
+        config_table = cf.format_table(cf.by_mean(configs), searched(t)) if res.seeded(rows) else ""
         dims = paper_dims(cfg)
-        paper = res.format_paper_table(rows, dims) if dims and rows else ""
+        paper = pp.format_paper_table(rows, dims) if dims and rows else ""
         _log_results(client, parent_id, rows, cfg, table, paper)
-        best = res.best_row(rows)
+        best_config = cf.champion(configs)  # the best mean val/AP; its best seed's model is the one registered
+        best = best_config.best if best_config is not None else None
         best_run_id, model, champion = _register_best_trial(cfg, best, parent_id, tracking_uri, filesystem)
         status.status = "FINISHED" if best is not None else "FAILED"
         experiment_id = client.get_run(parent_id).info.experiment_id
     return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, best, best_run_id, model, champion,
                          resumed or parent_resumed, time.time() - started, paper, cfg.tracking.experiment,
-                         experiment_id)  # fmt: skip
+                         experiment_id, best_config, config_table)  # fmt: skip
 
 
 def _register_best_trial(
@@ -294,20 +316,26 @@ def _new_tuner(
     cfg = run.config
     t = cfg.tuning
     grid = t.search_alg == "grid"
-    num_trials = grid_size(t) if grid else t.num_samples
-    if grid and t.num_samples != num_trials:
-        logger.info("grid search: %d trials (one per grid point; tuning.num_samples is not used)", num_trials)
+    configurations, num_trials = seeds.num_configurations(cfg), seeds.num_trials(cfg)
+    if grid and t.num_samples != configurations:
+        logger.info("grid search: %d configurations (one per grid point; tuning.num_samples is not used)",
+                    configurations)  # fmt: skip
     concurrency = max_concurrent(cfg, ray.cluster_resources(), num_trials)
     epochs = run.epochs()
-    logger.info("search %s: %d trial(s), %d at a time, %d epoch(s) each, %s + %s", t.name, num_trials, concurrency,
-                epochs, t.search_alg, t.scheduler)  # fmt: skip
+    per_seed = f" ({configurations} configurations x {t.seeds} seeds)" if t.seeds > 1 else ""
+    logger.info("search %s: %d trial(s)%s, %d at a time, %d epoch(s) each, %s + %s", t.name, num_trials, per_seed,
+                concurrency, epochs, t.search_alg, t.scheduler)  # fmt: skip
+    scheduler = build_scheduler(cfg, epochs)
+    if scheduler is not None and t.seeds > 1:
+        logger.info("ASHA judges each seed as its own trial: it may stop some seeds of a configuration and not "
+                    "others (docs/search.md, Seeds); --scheduler none compares whole trainings")  # fmt: skip
     return tune.Tuner(
         trainable,
-        param_space=grid_space(t) if grid else {},
+        param_space=seeds.param_space(cfg),
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(t),
-            scheduler=build_scheduler(cfg, epochs),
-            num_samples=1 if grid else t.num_samples,
+            search_alg=seeds.searcher(cfg),
+            scheduler=scheduler,
+            num_samples=seeds.tune_num_samples(cfg),
             max_concurrent_trials=concurrency,
             reuse_actors=False,  # a trial's process holds its Train controller; never hand it to the next trial
             trial_name_creator=TrialNamer(offset=0 if grid else 1),
@@ -329,17 +357,12 @@ def summary(outcome: SearchOutcome) -> str:
         f"search done in {console.duration(outcome.seconds)}{' (resumed)' if outcome.resumed else ''}: "
         f"{len(outcome.rows)} trials, {res.state_counts(outcome.rows) or 'none ran'}",
         "",
+        *([outcome.configurations_table, ""] if outcome.configurations_table else []),
         outcome.table,
         "",
         *([outcome.paper_table, ""] if outcome.paper_table else []),
     ]
-    if outcome.best is not None:
-        b = outcome.best
-        params = " ".join(f"{k}={v:.4g}" for k, v in b.params.items())
-        ap50 = "" if b.ap50 is None else f" AP50={b.ap50:.4f}"
-        lines.append(f"  best trial:              {b.name} ({params}) {METRIC}={b.best_ap:.4f}{ap50}")
-    else:
-        lines.append("  best trial:              none (no trial evaluated without failing)")
+    lines += _best_lines(outcome)
     if outcome.model is not None:
         lines.append(f"  registered:              {outcome.model.registered_name} v{outcome.model.version} "
                      f"({outcome.model.model_uri})")  # fmt: skip
@@ -354,3 +377,21 @@ def summary(outcome: SearchOutcome) -> str:
         f"  search folder (restore): {outcome.experiment_path}",
     ]
     return "\n".join(lines)
+
+
+def _best_lines(outcome: SearchOutcome) -> list[str]:
+    """The best trial; with several seeds, the best configuration (highest mean) and its best seed, whose model is
+    the one registered."""
+    b, c = outcome.best, outcome.best_config
+    if b is None:
+        return ["  best trial:              none (no trial evaluated without failing)"]
+    ap50 = "" if b.ap50 is None else f" AP50={b.ap50:.4f}"
+    if c is None or b.seed is None:
+        params = " ".join(f"{k}={v:.4g}" for k, v in b.params.items())
+        return [f"  best trial:              {b.name} ({params}) {METRIC}={b.best_ap:.4f}{ap50}"]
+    params = " ".join(f"{k}={v:.4g}" for k, v in c.params.items())
+    return [
+        f"  best configuration:      {params}: mean {METRIC}={cf.mean_text(c)}, the highest mean; "
+        "its best seed's model is registered",
+        f"  its best seed:           {b.name} (seed={b.seed}) {METRIC}={b.best_ap:.4f}{ap50}",
+    ]

@@ -1,14 +1,12 @@
-"""What a finished search leaves behind: a results table (printed, CSV), a picture of val/AP against each
-searched hyperparameter, and the champion decision for the best trial's registered model.
+"""What a finished search leaves behind, trial by trial: a results table (printed, CSV), a picture of val/AP
+against each searched hyperparameter, and the champion decision for the registered model.
 
 The table is read back from the Tune experiment on storage (`ray.tune.ExperimentAnalysis`), not from the
 driver's memory, so a resumed search reports the trials of every attempt; each trial's initial loss comes from
 its MLflow child run (the worker loop logs it at step 0; Tune never sees it).
 
-A grid over one or two hyperparameters (the focal-loss study presets, configs/focal_study.yaml) also gets the
-paper's layout (Lin et al. 2017, Table 1): rows the first searched hyperparameter (γ, or π), columns the second
-(α), each cell AP / AP50 / AP75 of that trial's best evaluation, "diverged" or "failed" where it has none; as
-text, CSV and an AP heatmap.
+The trials grouped by configuration across seeds (mean, std, n; which one is the champion):
+`tuning.configurations`; the paper's table layout of a grid: `tuning.paper`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.fs
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
@@ -38,6 +35,7 @@ from pipelines.names import (
     VAL_AP75,
     VERSION_VAL_AP_TAG,
 )
+from tuning.seeds import SEED_KEY
 from tuning.space import METRIC, Dimension
 
 DIVERGED_ERROR = "NonFiniteLossError"  # the driver's exception for a run whose loss stopped being finite
@@ -56,6 +54,7 @@ class TrialRow:
     ap50: float | None = None  # val/AP50 and val/AP75 of the evaluation with the best val/AP
     ap75: float | None = None
     initial_loss: float | None = None  # train/initial_loss of its MLflow run (None: not logged, or non-finite)
+    seed: int | None = None  # its train.seed when the search runs several seeds (tuning.seeds); None: the base's
 
     @property
     def diverged(self) -> bool:
@@ -86,7 +85,7 @@ def error_kind(error: str) -> str:
     """The exception class of an `error_line`: "NonFiniteLossError: non-finite loss ..." → "NonFiniteLossError"
     (a line that names no class, e.g. a lost actor's sentence, is shortened instead)."""
     kind = error.partition(": ")[0]
-    return kind if kind.isidentifier() else _short(kind or "error", 40)
+    return kind if kind.isidentifier() else short(kind or "error", 40)
 
 
 def _error_line(trial: Any) -> str:
@@ -119,8 +118,11 @@ def collect(experiment_path: str, filesystem: pyarrow.fs.FileSystem | None = Non
     for trial in sorted(analysis.trials, key=lambda t: str(t)):  # names start with the zero-padded number
         found = {"best_ap": None, "epochs": 0, **_evaluations(frames.get(trial.trial_id))}
         error = _error_line(trial) if trial.status == "ERROR" else ""
-        params = {k: float(v) for k, v in (trial.config or {}).items() if isinstance(v, (int, float))}
-        rows.append(TrialRow(str(trial), trial.trial_id, params, status=_status(trial), error=error, **found))
+        config = dict(trial.config or {})
+        seed = config.pop(SEED_KEY, None)  # a training setting, not a hyperparameter: it names the repeat
+        params = {k: float(v) for k, v in config.items() if isinstance(v, (int, float))}
+        rows.append(TrialRow(str(trial), trial.trial_id, params, status=_status(trial), error=error,
+                             seed=None if seed is None else int(seed), **found))  # fmt: skip
     return rows
 
 
@@ -136,22 +138,17 @@ def with_initial_losses(rows: list[TrialRow], client: MlflowClient, parent_run_i
     return [dataclasses.replace(r, initial_loss=losses.get(r.trial_id, r.initial_loss)) for r in rows]
 
 
-def best_row(rows: list[TrialRow]) -> TrialRow | None:
-    """The trial with the highest best val/AP among those that evaluated and did not fail (ties: first)."""
-    candidates = [r for r in rows if r.best_ap is not None and r.status != "failed" and r.checkpoints]
-    return max(candidates, key=lambda r: r.best_ap, default=None)
-
-
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _fmt(v: float | None, digits: int = 4) -> str:
+def fmt(v: float | None, digits: int = 4) -> str:
+    """A hyperparameter or loss in a table: 4 decimals (4 significant digits below 1e-3); "-" for none."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
 
 
-def _short(text: str, limit: int = 60) -> str:
+def short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -175,24 +172,43 @@ def state_counts(rows: list[TrialRow]) -> str:
     return ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
+def outcome(r: TrialRow) -> str:
+    """How a trial ended in one word: completed | stopped | diverged (a non-finite loss, a kind of failed) |
+    failed."""
+    return "diverged" if r.diverged else r.status
+
+
 def by_ap(rows: list[TrialRow]) -> list[TrialRow]:
     """Best val/AP first; trials that never evaluated last (each group in creation order)."""
     return sorted(rows, key=lambda r: (r.best_ap is None, -(r.best_ap or 0.0)))
 
 
+def seeded(rows: list[TrialRow]) -> bool:
+    """Whether these trials come from a search with several seeds per configuration (tuning.seeds > 1)."""
+    return any(r.seed is not None for r in rows)
+
+
 def table_rows(rows: list[TrialRow], dims: list[Dimension]) -> tuple[list[str], list[list[str]]]:
-    header = ["trial", *[d.name for d in dims], METRIC, "AP50", "epochs", "status"]
+    """Header and cells of the trial table; a seed column after the hyperparameters when the search has seeds."""
+    seeds = seeded(rows)
+    header = ["trial", *[d.name for d in dims], *(["seed"] if seeds else []), METRIC, "AP50", "epochs", "status"]
     body = []
     for r in rows:
         ap, ap50 = ("-" if v is None else f"{v:.4f}" for v in (r.best_ap, r.ap50))
-        body.append([r.name, *[_fmt(r.params.get(d.name)) for d in dims], ap, ap50, str(r.epochs), end_state(r)])
+        seed = [str(r.seed) if r.seed is not None else "-"] if seeds else []
+        body.append([r.name, *[fmt(r.params.get(d.name)) for d in dims], *seed, ap, ap50, str(r.epochs),
+                     end_state(r)])  # fmt: skip
     return header, body
 
 
 def format_table(rows: list[TrialRow], dims: list[Dimension]) -> str:
     """A fixed-width text table, one line per trial in the order given (`by_ap` for the best first); AP and AP50
     of each trial's best evaluation."""
-    header, body = table_rows(rows, dims)
+    return fixed_width(*table_rows(rows, dims))
+
+
+def fixed_width(header: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell (the last one left ragged), a rule under the header."""
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header) - 1)]
     lines = []
     for line in [header, *body]:
@@ -208,10 +224,11 @@ def write_csv(rows: list[TrialRow], dims: list[Dimension], path: str | Path) -> 
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trial", *[d.name for d in dims], "best_val_AP", "epochs", "status", "error",
-                    "val_AP50", "val_AP75", "initial_loss", "diverged"])  # fmt: skip
+                    "val_AP50", "val_AP75", "initial_loss", "diverged", "seed"])  # fmt: skip
         for r in rows:
             w.writerow([r.name, *[r.params.get(d.name, "") for d in dims], _blank(r.best_ap), r.epochs, r.status,
-                        r.error, _blank(r.ap50), _blank(r.ap75), _blank(r.initial_loss), r.diverged])  # fmt: skip
+                        r.error, _blank(r.ap50), _blank(r.ap75), _blank(r.initial_loss), r.diverged,
+                        "" if r.seed is None else r.seed])  # fmt: skip
     return path
 
 
@@ -238,157 +255,6 @@ def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{METRIC} per trial")
-    return fig
-
-
-# ------------------------------------------------------------------------------------------------ paper layout
-
-
-def paper_layout(dims: list[Dimension]) -> tuple[Dimension, Dimension | None] | None:
-    """(rows, columns) of the paper's table for these searched dimensions: γ × α, or π alone; None for more."""
-    if len(dims) in (1, 2):
-        return dims[0], (dims[1] if len(dims) == 2 else None)
-    return None
-
-
-@dataclass
-class PaperGrid:
-    """The trials of a 1- or 2-dimensional grid, placed: cells[(row value, column value)] (column value None
-    without a column dimension)."""
-
-    row_dim: Dimension
-    col_dim: Dimension | None
-    row_values: list[float]
-    col_values: list[float | None]
-    cells: dict[tuple[float, float | None], TrialRow]
-
-    def cell(self, row: float, col: float | None) -> TrialRow | None:
-        return self.cells.get((row, col))
-
-
-def paper_grid(rows: list[TrialRow], dims: list[Dimension]) -> PaperGrid:
-    """Place the trials; a grid point that ran twice (a search resumed with --resume-errored) keeps its best
-    evaluated trial, else the latest."""
-    layout = paper_layout(dims)
-    if layout is None:
-        raise ValueError(f"the paper's layout needs one or two searched dimensions, got {[d.name for d in dims]}")
-    row_dim, col_dim = layout
-    cells: dict[tuple[float, float | None], TrialRow] = {}
-    for r in rows:
-        if row_dim.name not in r.params or (col_dim is not None and col_dim.name not in r.params):
-            continue
-        key = (r.params[row_dim.name], None if col_dim is None else r.params[col_dim.name])
-        old = cells.get(key)
-        if old is None or _score(r) >= _score(old):
-            cells[key] = r
-    row_values = sorted({k[0] for k in cells})
-    col_values = [None] if col_dim is None else sorted({k[1] for k in cells})
-    return PaperGrid(row_dim, col_dim, row_values, col_values, cells)
-
-
-def _score(r: TrialRow) -> float:
-    return -1.0 if r.best_ap is None else r.best_ap
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
-
-
-def _label(v: float | None) -> str:
-    return "" if v is None else f"{v:g}"
-
-
-def outcome(r: TrialRow) -> str:
-    """How a trial ended, with "diverged" for a non-finite loss (a kind of failed)."""
-    return "diverged" if r.diverged else r.status
-
-
-def cell_text(r: TrialRow | None) -> str:
-    """AP / AP50 / AP75 in % (the paper's precision), or why there is none."""
-    if r is None:
-        return ""
-    if r.best_ap is None:
-        return outcome(r)
-    return f"{_pct(r.best_ap)} / {_pct(r.ap50)} / {_pct(r.ap75)}"
-
-
-def _aligned(lines: list[list[str]]) -> list[str]:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-
-
-def _grid_lines(g: PaperGrid) -> list[list[str]]:
-    """A header line, then one line per value of the row dimension."""
-    corner = g.row_dim.name if g.col_dim is None else f"{g.row_dim.name} \\ {g.col_dim.name}"
-    header = [corner, *("AP / AP50 / AP75" if c is None else f"{g.col_dim.name}={c:g}" for c in g.col_values)]
-    body = [[_label(v), *(cell_text(g.cell(v, c)) for c in g.col_values)] for v in g.row_values]
-    return [header, *body]
-
-
-def _trial_lines(rows: list[TrialRow], dims: list[Dimension]) -> list[str]:
-    """Per trial: its hyperparameters, initial loss, whether it diverged, and how it ended."""
-    lines = [["trial", *[d.name for d in dims], "initial loss", "diverged", "status"]]
-    for r in rows:
-        status = r.status + (f" ({_short(r.error, 100)})" if r.error else "")
-        lines.append([r.name, *[_label(r.params.get(d.name)) for d in dims], _fmt(r.initial_loss),
-                      "yes" if r.diverged else "no", status])  # fmt: skip
-    return _aligned(lines)
-
-
-def format_paper_table(rows: list[TrialRow], dims: list[Dimension]) -> str:
-    """The paper's layout (cells in %, each trial's best evaluation), then every trial's initial loss and end."""
-    grid = _aligned(_grid_lines(paper_grid(rows, dims)))
-    grid.insert(1, "-" * max(len(line) for line in grid))
-    title = f"{METRIC} / AP50 / AP75 in % at each trial's best evaluation (the paper's Table 1 layout)"
-    return "\n".join([title, "", *grid, "", *_trial_lines(rows, dims)])
-
-
-def write_paper_csv(rows: list[TrialRow], dims: list[Dimension], path: str | Path) -> Path:
-    """The paper's layout as CSV: one line per row value; per column value the AP, AP50, AP75 (0..1, full
-    precision, empty without an evaluation) and how its trial ended (completed, stopped, diverged, failed)."""
-    g = paper_grid(rows, dims)
-    prefixes = ["" if c is None else f"{g.col_dim.name}={c:g} " for c in g.col_values]
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([g.row_dim.name, *[p + k for p in prefixes for k in ("AP", "AP50", "AP75", "status")]])
-        for v in g.row_values:
-            line: list[Any] = [v]
-            for c in g.col_values:
-                r = g.cell(v, c)
-                line += (
-                    ["", "", "", ""] if r is None else [_blank(r.best_ap), _blank(r.ap50), _blank(r.ap75), outcome(r)]
-                )
-            w.writerow(line)
-    return path
-
-
-def heatmap(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
-    """Best AP (%) over the paper's grid (γ × α, or π alone), each cell annotated; grey where a trial has no AP
-    (its cell says why: diverged, failed, stopped early without an evaluation)."""
-    g = paper_grid(rows, dims)
-    values = np.full((len(g.row_values), len(g.col_values)), np.nan)  # (rows, columns) AP in %
-    fig = Figure(figsize=(1.6 * len(g.col_values) + 2.6, 0.6 * len(g.row_values) + 1.8), layout="constrained")
-    ax = fig.subplots()
-    for i, v in enumerate(g.row_values):
-        for j, c in enumerate(g.col_values):
-            r = g.cell(v, c)
-            if r is not None and r.best_ap is not None:
-                values[i, j] = 100 * r.best_ap
-            text = _pct(r.best_ap) if r is not None and r.best_ap is not None else cell_text(r)
-            ax.text(j, i, text, ha="center", va="center", bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
-    ax.set_facecolor("lightgrey")  # masked cells (no AP) show the background
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label=f"best {METRIC} (%)")
-    ax.set_yticks(range(len(g.row_values)), [_label(v) for v in g.row_values])
-    ax.set_ylabel(g.row_dim.name)
-    if g.col_dim is None:
-        ax.set_xticks([])
-    else:
-        ax.set_xticks(range(len(g.col_values)), [_label(c) for c in g.col_values])
-        ax.set_xlabel(g.col_dim.name)
-    pair = "" if g.col_dim is None else f" over {g.row_dim.name} × {g.col_dim.name}"
-    ax.set_title(f"best {METRIC} (%){pair}")
     return fig
 
 

@@ -9,8 +9,10 @@ the key before Ray starts. The command-line flags override tuning.num_samples, .
 .search_alg and .scheduler.
 
 Each trial runs one multi-worker TorchTrainer (scaling.*) and reports val/AP after every evaluation; ASHA stops
-weak trials between epochs. Trials run side by side as far as the cluster's CPUs/GPUs allow. A trial that
-diverges or fails is recorded as failed and the search goes on.
+weak trials between epochs. With --set tuning.seeds=N every configuration trains N times (train.seed = base,
+base + 1, ...): the tables report each configuration's mean, std and n of val/AP, and the best mean wins.
+Trials run side by side as far as the cluster's CPUs/GPUs allow. A trial that diverges or fails is recorded as
+failed and the search goes on.
 
 Resume: the search lives in ``<tuning.storage_path or run.storage_path>/<tuning.name or run.name_search>``.
 Running the same command again restores it there: finished trials are kept, interrupted ones continue (from
@@ -22,9 +24,9 @@ early by ASHA, diverged, failed with its error class), then every trial in a tab
 trial and where the MLflow runs are. Ray Tune's own status table and per-result output only with --verbose.
 
 MLflow: one parent run per search, one nested child run per trial (params gamma/alpha/prior, its metrics); the
-parent gets the results table (CSV) and a plot of val/AP against each hyperparameter. The best trial's model is
-registered (tracking.registered_model_name); tracking.alias (e.g. champion) moves to it only if it beats the
-current champion's val/AP.
+parent gets the results table (CSV), the configurations over their seeds and a plot of val/AP against each
+hyperparameter. The best configuration's best seed's model is registered (tracking.registered_model_name);
+tracking.alias (e.g. champion) moves to it only if it beats the current champion's val/AP.
 
 Cluster: with RAY_ADDRESS set (or under ``ray job submit``) the search uses that cluster; otherwise it starts a
 local Ray with its dashboard on 127.0.0.1 (Train V2 under Tune needs it to release stopped trials' workers).
@@ -42,7 +44,8 @@ from tuning.config import load_search_config
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.docstring_parser(__doc__)
     cli.add_config_arguments(parser, "configs/smoke.yaml", "--set tuning.gamma.high=3")
-    parser.add_argument("--num-samples", type=int, help="trials to run (tuning.num_samples)")
+    parser.add_argument("--num-samples", type=int, help="configurations to try (tuning.num_samples), "
+                        "each trained tuning.seeds times")  # fmt: skip
     parser.add_argument("--max-concurrent-trials", type=int, help="cap on trials at a time (0: as the cluster fits)")
     parser.add_argument("--search-alg", choices=["tpe", "random", "grid"], help="tuning.search_alg (default tpe)")
     parser.add_argument("--scheduler", choices=["asha", "none"], help="tuning.scheduler (default asha)")

@@ -1,4 +1,4 @@
-"""One Tune trial = one multi-worker TorchTrainer run (Ray Train V2) with the trial's γ, α, π (, lr).
+"""One Tune trial = one multi-worker TorchTrainer run (Ray Train V2) with the trial's γ, α, π (, lr) and seed.
 
 The trial function is the Train driver: it builds the training config for its hyperparameters, opens its MLflow
 child run (nested under the search's parent run through the ``mlflow.parentRunId`` tag), and runs the same
@@ -34,6 +34,7 @@ from pipelines.training.faults import Faults
 from pipelines.training.run import Prepared, fit
 from pipelines.training.trainer import best_checkpoint
 from retina.typed_config import flatten, to_dict
+from tuning.seeds import with_seed
 from tuning.space import METRIC, apply_hyperparameters
 
 logger = logging.getLogger("retina.tune")
@@ -106,8 +107,8 @@ class EvaluationReport(TuneReportCallback):
 
 
 def trial_config(setup: TrialSetup, params: dict[str, Any], trial_name: str) -> Config:
-    """The trial's training config: its hyperparameters, its own Train run name and folder."""
-    cfg = apply_hyperparameters(setup.run.config, params)
+    """The trial's training config: its hyperparameters and seed, its own Train run name and folder."""
+    cfg = with_seed(apply_hyperparameters(setup.run.config, params), params)
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_name, storage_path=setup.trials_dir))
 
 

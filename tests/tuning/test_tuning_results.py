@@ -11,6 +11,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import names
+from tuning import configurations as cf
+from tuning import paper as pp
 from tuning import results as res
 from tuning.space import DIMENSIONS
 
@@ -62,9 +64,9 @@ def test_end_states_counts_and_order_by_ap():
     )
 
 
-def test_best_row_ignores_failed_and_unevaluated_trials():
-    assert res.best_row(ROWS).name == "trial_000_aa"
-    assert res.best_row(ROWS[2:]) is None
+def test_champion_ignores_failed_and_unevaluated_trials():
+    assert cf.champion(cf.group(ROWS)).best.name == "trial_000_aa"  # one seed: the best trial
+    assert cf.champion(cf.group(ROWS[2:])) is None
 
 
 @pytest.fixture
@@ -146,8 +148,8 @@ def test_diverged_is_a_failed_trial_with_a_non_finite_loss():
 
 
 def test_paper_table_rows_gamma_columns_alpha_with_failed_and_diverged_cells():
-    assert res.paper_layout(GAMMA_ALPHA) == tuple(GAMMA_ALPHA) and res.paper_layout(DIMS) is None
-    lines = res.format_paper_table(STUDY_ROWS, GAMMA_ALPHA).splitlines()
+    assert pp.paper_layout(GAMMA_ALPHA) == tuple(GAMMA_ALPHA) and pp.paper_layout(DIMS) is None
+    lines = pp.format_paper_table(STUDY_ROWS, GAMMA_ALPHA).splitlines()
     grid = [[c.strip() for c in line.split("|")] for line in lines[2:8] if "|" in line]
     assert grid == [
         ["gamma \\ alpha", "alpha=0.25", "alpha=0.75"],
@@ -163,7 +165,7 @@ def test_paper_table_rows_gamma_columns_alpha_with_failed_and_diverged_cells():
 
 
 def test_paper_csv_has_numbers_and_the_status_of_every_cell(tmp_path):
-    path = res.write_paper_csv(STUDY_ROWS, GAMMA_ALPHA, tmp_path / "paper.csv")
+    path = pp.write_paper_csv(STUDY_ROWS, GAMMA_ALPHA, tmp_path / "paper.csv")
     with path.open() as f:
         table = {r["gamma"]: r for r in csv.DictReader(f)}
     assert list(table) == ["0.0", "0.5", "2.0", "5.0"]
@@ -178,7 +180,7 @@ def test_paper_csv_has_numbers_and_the_status_of_every_cell(tmp_path):
 
 
 def test_heatmap_colours_evaluated_cells_and_labels_the_others(tmp_path):
-    fig = res.heatmap(STUDY_ROWS, GAMMA_ALPHA)
+    fig = pp.heatmap(STUDY_ROWS, GAMMA_ALPHA)
     ax = fig.get_axes()[0]
     assert (ax.get_ylabel(), ax.get_xlabel()) == ("gamma", "alpha")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "0.5", "2", "5"]
@@ -197,13 +199,13 @@ def test_prior_study_has_one_row_per_pi():
         res.TrialRow("trial_001_b", "b", {"prior": 0.1}, 0.2, 2, "completed", "", ["c"], 0.3, 0.2, 5.0),
         res.TrialRow("trial_002_c", "c", {"prior": 0.01}, 0.25, 2, "completed", "", ["c"], 0.4, 0.25, 1.2),
     ]
-    lines = res.format_paper_table(rows, PRIOR).splitlines()
+    lines = pp.format_paper_table(rows, PRIOR).splitlines()
     assert [c.strip() for c in lines[2].split("|")] == ["prior", "AP / AP50 / AP75"]
     assert [[c.strip() for c in line.split("|")] for line in lines[4:7]] == [
         ["0.01", "25.0 / 40.0 / 25.0"], ["0.1", "20.0 / 30.0 / 20.0"], ["0.5", "diverged"]
     ]  # fmt: skip
     assert "60.0000" in lines[-3] and "yes" in lines[-3]
-    ax = res.heatmap(rows, PRIOR).get_axes()[0]
+    ax = pp.heatmap(rows, PRIOR).get_axes()[0]
     assert ax.get_ylabel() == "prior" and ax.get_images()[0].get_array().shape == (3, 1)
 
 
