@@ -26,6 +26,7 @@ from pipelines.data.datasets import DecodeCpus, val_batches
 from pipelines.data.shards import coco_gt_from_shards, label_map, load_manifest, settings_for, shard_index
 from pipelines.inference.detector import Detector, load_model
 from pipelines.inference.loss_analysis import describe, log_loss_analysis
+from pipelines.tracking import store
 from pipelines.training.evaluation import evaluate
 from retina.analysis import LossConcentrationResult, analyse_batches
 from retina.confusion import confusion_table
@@ -141,8 +142,7 @@ def _experiment_id(client: Any, detector: Detector, name: str | None) -> str:
         except Exception:  # the training run lives in another store, or was deleted
             logger.info("training run %s not found; using experiment %s", detector.source.run_id, DEFAULT_EXPERIMENT)
     name = name or DEFAULT_EXPERIMENT
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    return store.experiment_id(client, name)
 
 
 def log_evaluation(detector: Detector, evaluation: Evaluation, tracking_uri: str, experiment: str | None) -> str:

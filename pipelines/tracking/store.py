@@ -50,9 +50,17 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_LENGTH]
 
 
-def _experiment_id(client: MlflowClient, experiment: str) -> str:
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    """The experiment's id, created if missing. In a SQLite store its artifacts go to ``mlruns/`` beside the
+    database file: MLflow's own default is ``./mlruns`` in whatever directory the creating process runs in, which
+    scatters a store's artifacts over working directories (and into checkouts)."""
     exp = client.get_experiment_by_name(experiment)
-    return exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        location = (Path(client.tracking_uri[len("sqlite:///") :]).parent / "mlruns").absolute().as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def find_run(tracking_uri: str, experiment: str, run_key: str) -> Any | None:
@@ -60,7 +68,7 @@ def find_run(tracking_uri: str, experiment: str, run_key: str) -> Any | None:
     client = MlflowClient(tracking_uri)
     escaped = run_key.replace("'", "\\'")
     query = f"tags.`{RUN_KEY_TAG}` = '{escaped}'"
-    found = client.search_runs([_experiment_id(client, experiment)], query, max_results=1, order_by=["start_time ASC"])
+    found = client.search_runs([experiment_id(client, experiment)], query, max_results=1, order_by=["start_time ASC"])
     return found[0] if found else None
 
 
@@ -98,7 +106,7 @@ def start_or_resume_run(
             client.log_batch(run.info.run_id, params=new[i : i + 100])
         client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run.info.run_id, True
-    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags={RUN_KEY_TAG: run_key})
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags={RUN_KEY_TAG: run_key})
     items = [Param(k, v) for k, v in values.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])

@@ -52,8 +52,9 @@ def histories(ray_local, smoke_data, tmp_path_factory) -> dict[str, dict[str, li
     marker = tmp / "failed_once"
     return {
         "seed0": _train("seed0", 0, smoke_data, tmp),
-        "seed0_resumed": _train("seed0_resumed", 0, smoke_data, tmp,
-                                {"fail_at_step": 5, "fail_marker": str(marker)}),  # fmt: skip
+        "seed0_resumed": _train(
+            "seed0_resumed", 0, smoke_data, tmp, {"fail_at_step": 5, "fail_marker": str(marker)}
+        ),  # fmt: skip
         "seed1": _train("seed1", 1, smoke_data, tmp),
         "failed_once": marker.exists(),
     }

@@ -107,3 +107,14 @@ def test_metric_history_sorted_by_step_and_run_logger_skips_logged_steps(trackin
     assert store.metric_history(tracking_uri, run_id, names.TRAIN_LR) == []
     RunLogger(tracking_uri, run_id, enabled=False).log_metrics({names.TRAIN_LOSS: 7.0}, step=8)  # not rank 0
     assert len(store.metric_history(tracking_uri, run_id, names.TRAIN_LOSS)) == 3
+
+
+def test_a_sqlite_stores_artifacts_live_beside_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the command ran in (MLflow's default), which littered checkouts."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment(store.experiment_id(client, "leak-check"))
+    assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
+    assert store.experiment_id(client, "leak-check") == exp.experiment_id  # found again, not created twice
+    assert not (tmp_path / "elsewhere" / "mlruns").exists()
