@@ -107,3 +107,17 @@ def test_autocast_follows_train_amp():
         assert not torch.is_autocast_enabled("cpu")
     with autocast("bf16", cpu):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
+    from pathlib import Path
+
+    from pipelines.training.step import NATIVE_BF16_FLAGS, warn_if_bf16_is_emulated
+
+    native = any(flag in Path("/proc/cpuinfo").read_text() for flag in NATIVE_BF16_FLAGS)
+    with caplog.at_level("WARNING", logger="retina.train"):
+        warn_if_bf16_is_emulated("none", torch.device("cpu"))
+        assert not caplog.records
+        warn_if_bf16_is_emulated("bf16", torch.device("cpu"))
+    assert bool(caplog.records) == (not native)
+    assert all("train.amp=none" in r.getMessage() for r in caplog.records)
