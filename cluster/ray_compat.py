@@ -30,6 +30,19 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+# Set while Tune runs unless --verbose (both are read when the fit starts). Ray 2.60's default output engine prints
+# its experiment table and every failed trial's result table even at verbose=0 (ray/tune/experimental/output.py);
+# its legacy engine (RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. Tune's controller logs each failed trial's
+# whole traceback at ERROR unless TUNE_PRINT_ALL_TRIAL_ERRORS=0; our line names the error and its error.txt.
+QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
+
+# Tune's log lines that tell a person watching nothing new, dropped unless --verbose (logger → message pattern).
+TUNE_CHATTER = {
+    "ray.tune.tune": r"^Trials did not complete",  # its closing list: each of them already has its line
+    "ray.tune.utils.util": r"may be a performance bottleneck\.$",  # its own loop's timing, slow on a busy machine
+}
+
+
 class ElasticReservation:
     """Tells Train's elastic policy that `bundles` (on the nodes given by `label_selectors`) are taken. Refreshed
     from a daemon thread; the coordinator drops the request `EXPIRE_S` after the last refresh, so a killed driver

@@ -23,6 +23,7 @@ from typing import Any
 from ray import tune
 
 from cluster import s3
+from cluster.ray_compat import QUIET_TUNE_ENV, TUNE_CHATTER, tuner_run_config
 from pipelines.names import EPOCH, TRIAL_FINISHED_KEY, VAL_AP50
 from tuning import results as res
 from tuning.seeds import SEED_KEY
@@ -30,19 +31,7 @@ from tuning.space import METRIC
 
 logger = logging.getLogger("retina.tune")
 
-# Set while Tune runs unless --verbose (both are read when the fit starts). Ray 2.60's default output engine prints
-# its experiment table and every failed trial's result table even at verbose=0 (ray/tune/experimental/output.py);
-# its legacy engine (RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. Tune's controller logs each failed trial's
-# whole traceback at ERROR unless TUNE_PRINT_ALL_TRIAL_ERRORS=0; our line names the error and its error.txt.
-QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
-
 ALWAYS_SHOWN = ("gamma", "alpha", "prior")  # the focal-loss setting of every trial, searched or not
-
-# Tune's log lines that tell a person watching nothing new, dropped unless --verbose (logger → message pattern).
-TUNE_CHATTER = {
-    "ray.tune.tune": r"^Trials did not complete",  # its closing list: each of them already has its line
-    "ray.tune.utils.util": r"may be a performance bottleneck\.$",  # its own loop's timing, slow on a busy machine
-}
 
 
 class _Drop(logging.Filter):
@@ -88,10 +77,9 @@ def configure(tuner: tune.Tuner, lines: TrialLines, verbose: bool) -> None:
     started before these lines existed prints them too. Ray 2.60 keeps that RunConfig in the Tuner's in-process
     state (absent under Ray Client, where Tune's own output stays as it was).
     """
-    state = getattr(tuner, "_local_tuner", None)
-    if state is None:
+    run_config = tuner_run_config(tuner)  # a private Tuner attribute: cluster/ray_compat.py
+    if run_config is None:
         return
-    run_config = state.get_run_config()
     run_config.verbose = tune_verbosity(verbose)
     kept = [c for c in run_config.callbacks or [] if not isinstance(c, TrialLines)]
     run_config.callbacks = [*kept, lines]

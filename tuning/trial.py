@@ -3,7 +3,7 @@
 The trial function is the Train driver: it builds the training config for its hyperparameters, opens its MLflow
 child run (nested under the search's parent run through the ``mlflow.parentRunId`` tag), and runs the same
 TorchTrainer and per-worker loop as ``pipelines/train.py``. Rank 0's report of every evaluation reaches Tune
-through `EvaluationReport`, so ASHA can stop a weak trial between epochs.
+through `evaluation_report()`, so ASHA can stop a weak trial between epochs.
 
 Names are deterministic (Train run ``<search dir>/trials/<trial id>``, MLflow run found by that key), so a trial
 that a resumed search starts again continues its Train run from its latest checkpoint and logs into the same
@@ -24,9 +24,9 @@ import ray
 import ray.train
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from cluster import s3
+from cluster.ray_compat import filtered_tune_report
 from pipelines import names
 from pipelines.config import Config
 from pipelines.tracking import store
@@ -93,17 +93,15 @@ def find_child_run(tracking_uri: str, experiment: str, parent_run_id: str, trial
     return found[0].info.run_id if found else None
 
 
-class EvaluationReport(TuneReportCallback):
+def evaluation_report() -> Any:
     """Forwards rank 0's evaluation reports to Tune; drops reports without val/AP.
 
     A report without val/AP would reach Tune otherwise (a diverged run's). Tune treats a
     result without the searched metric as a bug and ends the whole search (strict metric checking), so that
     report stays in Train: the trial function raises on it after ``fit`` instead, failing only this trial.
+    (A subclass of Tune's TuneReportCallback, which is not public API: it lives in cluster/ray_compat.py.)
     """
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and METRIC in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
+    return filtered_tune_report(METRIC)
 
 
 def trial_config(setup: TrialSetup, params: dict[str, Any], trial_name: str) -> Config:
@@ -137,7 +135,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     with store.tracked_run(setup.tracking_uri, run_id, failure_tags={names.TRIAL_STATUS_TAG: "failed"}) as status:
         # The callback must be created here, inside the Tune session: it forwards rank 0's reports to Tune.
         result = fit(setup.run, cfg, setup.tracking_uri, run_id,
-                     faults=setup.faults.for_trial(trial_number(name)), callbacks=[EvaluationReport()])  # fmt: skip
+                     faults=setup.faults.for_trial(trial_number(name)), callbacks=[evaluation_report()])  # fmt: skip
         final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         if METRIC not in final:
             raise RuntimeError(f"{name}: training ended without an evaluation (no checkpoint with {METRIC})")
