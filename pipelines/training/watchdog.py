@@ -1,6 +1,6 @@
 """No silent waits for data: a batch stream that fails with a clear error when its next batch does not come.
 
-A Ray Data stream waits as long as its decode tasks wait for a CPU; when the cluster has none to give (a worker
+A batch stream waits as long as its decode tasks wait for a CPU; when the cluster has none to give (a worker
 group that took every CPU after an elastic restart, a node gone with the data reservation on it), a worker would
 wait forever. `watched` fetches each batch in a background thread and gives up after `timeout_s` with a
 `DataStallError` that names what waits and the cluster's resources (total, free, held by placement groups).
@@ -62,7 +62,7 @@ def watched(batches: Iterator[Any], timeout_s: float, what: str) -> Iterator[Any
             batch, error = ready.get(timeout=timeout_s)
         except queue.Empty:
             raise DataStallError(
-                f"no {what} in {timeout_s:g} s (run.stall_timeout_s): its Ray Data decode tasks are not getting the "
+                f"no {what} in {timeout_s:g} s (run.stall_timeout_s): its decode tasks are not getting the "
                 f"resources they wait for. Cluster: {cluster_resources_line()}. Check that scaling.data_cpus fit "
                 "beside the workers, or raise run.stall_timeout_s if the data is just slow to read"
             ) from None
