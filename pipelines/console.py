@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.ray_compat import RAY_DATA_PROGRESS_LOGGER
 from pipelines import names
 
 logger = logging.getLogger("retina")
@@ -46,7 +47,7 @@ def setup(verbose: bool = False) -> None:
 
 # Warnings that describe a choice this project made on purpose, with nothing for the user to do: kept to errors.
 # Ray Data: "Progress bars disabled" (the commands turn them off: per-operator bars drown the progress lines).
-EXPECTED_WARNINGS = ("ray.data._internal.progress",)
+EXPECTED_WARNINGS = (RAY_DATA_PROGRESS_LOGGER,)
 
 
 def quiet_libraries() -> None:

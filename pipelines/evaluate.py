@@ -1,6 +1,6 @@
 """COCO evaluation of a trained model on prepared shards: AP table printed, logged to MLflow, linked to the model.
 
-    python pipelines/evaluate.py --model models:/retinanet@champion --data data/sample/shards/val
+    python pipelines/evaluate.py --model models:/retinanet-demo@champion --data data/sample/shards/val
                                  [--batch-size N] [--experiment NAME] [--no-log]
                                  [--loss-analysis [--gammas 0 0.5 1 2]]
 

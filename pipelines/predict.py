@@ -1,6 +1,6 @@
 """Batch inference: a registered model (or checkpoint) over a folder of images with Ray Data, COCO results out.
 
-    python pipelines/predict.py --model models:/retinanet@champion --images DIR|s3://... --output DIR|s3://...
+    python pipelines/predict.py --model models:/retinanet-demo@champion --images DIR|s3://... --output DIR|s3://...
                                 [--score-threshold 0.3] [--render] [--batch-size 8] [--num-actors N]
 
 --model: models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>, runs:/<run_id>/model, or a checkpoint
