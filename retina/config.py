@@ -6,6 +6,7 @@ sections beside the code that reads them (see `pipelines.config.Config`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,9 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     num_classes: int = 80
+    # Fine-tuning: start a fresh run from these weights (an MLflow model URI, a training checkpoint, a torchvision
+    # RetinaNet state-dict file); "" starts from backbone.weights / random init. `retina.init_from` explains it.
+    init_from: str = ""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
@@ -95,6 +99,7 @@ class ModelConfig:
         """The model's range rules; ConfigError naming ``<prefix>.<key>``."""
         b = self.backbone
         require(self.num_classes >= 1, f"{prefix}.num_classes", "must be >= 1")
+        check_init_from(self.init_from, f"{prefix}.init_from")
         require(b.name in _BACKBONES, f"{prefix}.backbone.name", f"must be one of {_BACKBONES}")
         require(b.norm in ("frozen_bn", "bn", "gn"), f"{prefix}.backbone.norm", "must be frozen_bn, bn or gn")
         require(b.width >= 8, f"{prefix}.backbone.width", "must be >= 8")
@@ -155,3 +160,19 @@ def check_alpha(value: float, key: str, *, allow_disabled: bool = True) -> None:
 
 def check_prior(value: float, key: str) -> None:
     require(0 < value < 1, key, f"π must be in (0, 1), got {value}")
+
+
+# The MLflow forms model.init_from takes; everything else without a scheme (or s3://) is a path. Only the form is
+# checked here: this config is also rebuilt where the source does not exist (a trained model loaded elsewhere).
+_MLFLOW_MODEL = re.compile(r"models:/([^/@\s]+@[A-Za-z0-9_-]+|[^/@\s]+/\d+)|runs:/[^/\s]+/\S+")
+INIT_FROM_FORMS = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, a training checkpoint (a folder holding "
+    "state.pt, local or s3://) or a torchvision RetinaNet state-dict file"
+)
+
+
+def check_init_from(value: str, key: str) -> None:
+    if value.startswith(("models:/", "runs:/")):
+        require(bool(_MLFLOW_MODEL.fullmatch(value)), key, f"expected {INIT_FROM_FORMS}, got {value!r}")
+    else:
+        require("://" not in value or value.startswith("s3://"), key, f"expected {INIT_FROM_FORMS}, got {value!r}")

@@ -7,7 +7,9 @@ torchvision model however they like (weights downloaded or loaded from a file), 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
+import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -76,6 +78,19 @@ _HEAD_KEYS = {
 }
 
 
+def torchvision_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision RetinaNet's state dict (v1 layout) in this project's key names: the backbone and FPN keep
+    theirs (the same modules), the heads' are renamed. Keys of neither layout pass through unchanged."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _HEAD_KEYS.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
 def from_torchvision(tv: TVRetinaNet) -> RetinaNet:
     """Our RetinaNet with the weights and settings of a torchvision RetinaNet (v1 layout)."""
     if not isinstance(tv, TVRetinaNet):
@@ -102,14 +117,7 @@ def from_torchvision(tv: TVRetinaNet) -> RetinaNet:
     if not math.isclose(tv.box_coder.weights[0], 1.0) or len(set(tv.box_coder.weights)) != 1:
         raise ValueError(f"from_torchvision: box coder weights {tv.box_coder.weights} are not (1, 1, 1, 1)")
     model = build_retinanet(cfg)
-    state = {}
-    for key, value in tv.state_dict().items():
-        for old, new in _HEAD_KEYS.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        state[key] = value
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(torchvision_state_dict(tv.state_dict()), strict=True)
     # keep the frozen/trainable split of the source model
     theirs = dict(tv.backbone.named_parameters())
     for name, param in model.backbone.named_parameters():

@@ -41,6 +41,7 @@ from pipelines.training.checkpoint import TrainState, load_checkpoint
 from pipelines.training.distributed import all_gather_objects
 from pipelines.training.faults import Faults
 from pipelines.training.hooks import default_hooks
+from pipelines.training.init_from import INIT_FROM_TAG, start_from
 from pipelines.training.reporting import Reporter
 from pipelines.training.step import StepResult, TrainingParts, apply_update, forward_backward
 from retina.data.coco import LabelMap
@@ -228,7 +229,9 @@ def train_func(config: dict[str, RunInputs]) -> dict[str, Any]:
         if state.step >= cfg.train.max_steps:
             logger.info("the run already finished (step %d of %d)", state.step, cfg.train.max_steps)
             return {names.STEP: state.step}
-    world = ray.train.get_context().get_world_size()
+    ctx = ray.train.get_context()
+    started_from = start_from(model, inputs, ctx.get_world_rank()) if state is None else None  # a fresh start only
+    world = ctx.get_world_size()
     parts = TrainingParts.build(model, cfg.train, cfg.per_worker_batch * world)
     if state is not None:
         parts.restore(state)
@@ -237,4 +240,6 @@ def train_func(config: dict[str, RunInputs]) -> dict[str, Any]:
     loop = Loop(inputs, parts, state)
     if state is not None:
         loop.tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))
+    elif started_from is not None:
+        loop.tracker.set_tag(INIT_FROM_TAG, started_from.summary())
     return loop.run()
