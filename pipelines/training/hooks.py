@@ -5,6 +5,7 @@
 3. `MetricsLog`      the first step of each attempt, then the training metrics every train.log_every steps
 4. `Checkpoints`     step checkpoints (run.checkpoint_every_steps / _minutes) and before a node's preemption
 5. `Evaluation`      every train.eval_every_epochs epochs and at the end; scored in the background but the last
+6. `SystemMetrics`   each node's CPU, memory (and GPU) into the run while the loop runs (tracking.system_metrics)
 
 Each is small and keeps its own state; what they share is the `Loop` (step, position, parts, reporter).
 """
@@ -12,6 +13,8 @@ Each is small and keeps its own state; what they share is the `Loop` (step, posi
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -36,7 +39,7 @@ logger = logging.getLogger("retina.train")
 
 def default_hooks(loop: Loop) -> list[Hook]:
     """The parts of every run, in the order they run at each point of a step."""
-    return [FaultInjection(), StallWatchdog(loop), MetricsLog(loop), Checkpoints(), Evaluation()]
+    return [FaultInjection(), StallWatchdog(loop), MetricsLog(loop), Checkpoints(), Evaluation(), SystemMetrics(loop)]
 
 
 class FaultInjection(Hook):
@@ -186,3 +189,72 @@ class Evaluation(Hook):
         if loop.rank == 0:
             logger.info("epoch %d step %d: %s", loop.epoch, loop.step,
                         {k: round(v, 4) for k, v in result.metrics().items()})  # fmt: skip
+
+
+class SystemMetrics(Hook):
+    """Each node's CPU, memory, disk and network (and GPU, where MLflow can read it) into the run as
+    ``system/<host>/<metric>`` series, from the loop's start to its end: MLflow's SystemMetricsMonitor on the node's
+    local rank 0 only (psutil measures the whole machine: one monitor per node), sampling every
+    tracking.system_metrics_interval_s; tracking.system_metrics: false turns it off.
+
+    The monitor is made in a thread: MLflow's import and the run lookup cost ~1.5 s of CPU the first step would wait
+    for. It stops at the end of the loop, or when the thread the loop ran in ends without getting there (Ray Train
+    runs it in a thread of its own: an exception, a diverged loss), so a failed attempt's monitor never outlives it.
+    A restarted attempt continues the series at the next step (resume_logging)."""
+
+    def __init__(self, loop: Loop) -> None:
+        t = loop.cfg.tracking
+        local_rank = ray.train.get_context().get_local_rank()
+        self.enabled = t.system_metrics and bool(loop.inputs.mlflow_run_id) and local_rank == 0
+        self.interval_s = t.system_metrics_interval_s
+        self._lock = threading.Lock()
+        self._monitor: Any = None
+        self._stopped = False
+
+    def before_train(self, loop: Loop) -> None:
+        if self.enabled and not self._stopped:
+            args = (loop.inputs.tracking_uri, loop.inputs.mlflow_run_id, threading.current_thread())
+            threading.Thread(target=self._watch, args=args, daemon=True, name="retina-system-metrics").start()
+
+    def after_train(self, loop: Loop) -> None:
+        self.stop()
+
+    def _watch(self, tracking_uri: str, run_id: str, training: threading.Thread) -> None:
+        try:
+            monitor = _node_monitor(tracking_uri, run_id, self.interval_s)
+        except Exception:  # metrics about the machine must never fail the training
+            logger.warning("system metrics: cannot start MLflow's monitor", exc_info=True)
+            return
+        with self._lock:
+            if self._stopped:  # the loop ended before the monitor was made
+                return
+            self._monitor = monitor
+            monitor.start()
+        training.join()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the monitor (once) and log the sample it took since its last point."""
+        with self._lock:
+            self._stopped = True
+            monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.finish()
+            last = monitor.aggregate_metrics()  # the sample of the interval the stop cut short
+            if last:
+                monitor.publish_metrics(last)
+                monitor.mlflow_logger.flush()
+        except Exception:
+            logger.warning("system metrics: the monitor did not stop cleanly", exc_info=True)
+
+
+def _node_monitor(tracking_uri: str, run_id: str, interval_s: float) -> Any:
+    """MLflow's monitor of this machine, logging into `run_id` as system/<host>/<metric>."""
+    import psutil
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    psutil.cpu_percent()  # the first reading is the use since the last call: prime it, or the first point reads 0
+    return SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                node_id=socket.gethostname(), tracking_uri=tracking_uri)  # fmt: skip

@@ -178,7 +178,8 @@ def test_a_checkpoint_is_read_with_its_label_map(tmp_path):
 @pytest.mark.slow
 def test_training_entry_starts_from_a_checkpoint(source, ray_local, tmp_path):
     """`model.init_from` through `run_training` (Ray Train, 2 workers): the fresh run starts from the checkpoint,
-    records what it kept, and its frozen stem stays the source's to the bit."""
+    records what it kept, and its frozen stem stays the source's to the bit. Also the run of
+    ``tracking.system_metrics: false``: no system/ series in it (tests/pipelines/test_train_e2e.py has them on)."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.config import load_config
@@ -198,6 +199,7 @@ def test_training_entry_starts_from_a_checkpoint(source, ray_local, tmp_path):
         "model.num_classes=3", *_model_overrides(), "model.backbone.trainable_layers=3",
         f"model.init_from={source['checkpoint']}", "train.max_steps=2", "train.num_logged_images=0",
         "run.name=fine_tune", f"run.storage_path={tmp_path}/runs", f"tracking.tracking_uri={uri}",
+        "tracking.system_metrics=false",
     ])  # fmt: skip
     outcome = run_training(cfg)
     run = MlflowClient(uri).get_run(outcome.mlflow_run_id)
@@ -206,6 +208,7 @@ def test_training_entry_starts_from_a_checkpoint(source, ray_local, tmp_path):
     assert run.data.tags[INIT_FROM_TAG] == (
         f"checkpoint {source['checkpoint']}: 2 classes kept (square, triangle), 1 re-initialised with the prior (plus)"
     )
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
 
     model = load_model(outcome.model.model_uri, tracking_uri=uri).model
     assert model.cfg.num_classes == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ def mlflow_server(s3_server, tmp_path_factory):  # noqa: F811
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 180  # a loaded 2-core machine has taken 60 s
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2)
@@ -92,6 +93,7 @@ def trained(ray_local, smoke_data, mlflow_server, s3_server, tmp_path_factory): 
             "tracking.experiment=retina-e2e",
             f"tracking.registered_model_name={MODEL_NAME}",
             f"tracking.alias={ALIAS}",
+            "tracking.system_metrics_interval_s=1",  # points enough in a run of seconds (default: every 10 s)
         ],
     )
     mp = pytest.MonkeyPatch()
@@ -142,6 +144,22 @@ def test_one_mlflow_run_with_continuous_metrics(trained, mlflow_server):
     assert run.data.params["train.base_lr"] == "0.01"
     assert run.data.params["model.backbone.name"] == "resnet18"
     assert run.data.params["scaling.num_workers"] == "2"
+
+
+def test_system_metrics_one_series_per_node(trained, mlflow_server):
+    """Each node's local rank 0 logs MLflow's system metrics into the run as system/<host>/<metric>: this one node
+    (2 workers) has one monitor, whose steps never repeat, also across the restart after step 5."""
+    client = _client(mlflow_server)
+    run_id = trained["outcome"].mlflow_run_id
+    node = socket.gethostname()
+    system = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert all(k.startswith(f"system/{node}/") for k in system), system
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage"):
+        assert f"system/{node}/{name}" in system, system
+    history = client.get_metric_history(run_id, f"system/{node}/cpu_utilization_percentage")
+    steps = [m.step for m in history]
+    assert len(steps) >= 2 and len(steps) == len(set(steps)), steps
+    assert all(0 <= m.value <= 100 for m in history)
 
 
 def test_artifacts_logged(trained, mlflow_server):
