@@ -70,7 +70,7 @@ def _read_columns(path: str, columns: Sequence[str], settings: s3.S3Settings | N
     try:
         with fs.open_input_file(inner) as f:
             return pq.read_table(f, columns=list(columns))
-    except OSError as exc:
+    except (OSError, pa.ArrowException) as exc:  # a missing file, or a truncated one (ArrowInvalid: no footer)
         raise DataError(f"{path}: cannot read shard: {exc}") from None
 
 
@@ -100,7 +100,7 @@ def read_rows(path: str, rows: Sequence[int], columns: Sequence[str], settings: 
             starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
             groups = sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows})
             table = parquet.read_row_groups(groups, columns=list(columns))
-    except OSError as exc:
+    except (OSError, pa.ArrowException) as exc:  # a missing file, or a truncated one (ArrowInvalid: no footer)
         raise DataError(f"{path}: cannot read shard: {exc}") from None
     # row r sits at r - starts[g] inside group g, after the rows of the groups read before it
     offset = {g: int(sum(starts[h + 1] - starts[h] for h in groups[:i]) - starts[g]) for i, g in enumerate(groups)}

@@ -37,12 +37,13 @@ from pipelines.data.datasets import DecodeCpus, DecodeStream, batches, make_coll
 from pipelines.data.plan import Position, ShardIndex, TrainPlan
 from pipelines.tracking.logger import RunLogger
 from pipelines.training import protocol
-from pipelines.training.checkpoint import TrainState, load_checkpoint
+from pipelines.training.checkpoint import TrainState
 from pipelines.training.distributed import all_gather_objects
 from pipelines.training.faults import Faults
 from pipelines.training.hooks import default_hooks
 from pipelines.training.init_from import INIT_FROM_TAG, start_from
 from pipelines.training.reporting import Reporter
+from pipelines.training.resume import load_latest
 from pipelines.training.step import StepResult, TrainingParts, apply_update, forward_backward
 from retina.data.coco import LabelMap
 from retina.model import build_retinanet
@@ -223,8 +224,7 @@ def train_func(config: dict[str, RunInputs]) -> dict[str, Any]:
     model = build_retinanet(cfg.model)
     checkpoint, state = ray.train.get_checkpoint(), None
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir)
+        state, checkpoint = load_latest(checkpoint)  # an older complete one where the latest is damaged
         model.load_state_dict(state.model)
         if state.step >= cfg.train.max_steps:
             logger.info("the run already finished (step %d of %d)", state.step, cfg.train.max_steps)

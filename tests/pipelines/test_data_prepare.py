@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,26 @@ def test_a_rank_decodes_its_plan_in_order_and_the_same_way_every_run(ray_local, 
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     expected_px = (torch.from_numpy(ref.image.copy()).permute(2, 0, 1).float() / 255 - mean) / std
     torch.testing.assert_close(a[0]["images"][0, :, :h, :w], expected_px)
+
+
+def test_a_shard_truncated_mid_run_is_an_error_naming_the_file(ray_local, dataset, tmp_path):
+    """The plan was made from intact shards; one is cut short before its decode task reads it."""
+    from pipelines.data.datasets import DecodeCpus, DecodeStream, train_decode
+    from pipelines.data.plan import Position, TrainPlan
+    from pipelines.data.shards import shard_index
+
+    ann, images = dataset
+    out = tmp_path / "out"
+    prepare(ann, images, out, rows_per_shard=4)
+    index = shard_index(str(out))
+    victim = Path(index.shards[1].path)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    chunks = list(TrainPlan(index, seed=0, batch=4).chunks(0, 1, Position(), 3))
+    with pytest.raises(Exception, match=rf"{re.escape(str(victim))}: cannot read shard") as info:
+        for _ in DecodeStream(chunks, train_decode(_decode_cfg([64])), DecodeCpus(2)):
+            pass
+    assert isinstance(info.value, DataError) or "DataError" in str(info.value)  # Ray re-raises it as a subclass
 
 
 class SimpleInput:
