@@ -43,6 +43,8 @@ def summary(outcome: TrainOutcome) -> str:
     if outcome.model:
         lines.append(f"  model:                    {outcome.model.model_uri} "
                      f"(registered {outcome.model.registered_name} v{outcome.model.version})")  # fmt: skip
+        if outcome.model.champion is not None:
+            lines.append(f"  {outcome.model.champion.summary()}")
         uri = outcome.model.alias_uri or f"models:/{outcome.model.registered_name}/{outcome.model.version}"
         lines.append(f"  load it with:             from pipelines.inference import load_model; "
                      f"load_model('{uri}', tracking_uri='{outcome.tracking_uri}')")  # fmt: skip

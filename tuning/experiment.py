@@ -27,6 +27,7 @@ from cluster import s3
 from cluster.storage import absolute, storage_location
 from pipelines import console, names
 from pipelines.tracking import store
+from pipelines.tracking.alias import ChampionDecision
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
@@ -55,7 +56,7 @@ class SearchOutcome:
     best: res.TrialRow | None  # the trial registered: the best seed of the best configuration (`best_config`)
     best_run_id: str | None  # the best trial's MLflow child run
     model: LoggedModel | None  # registered model of the best trial (None: no trial finished, or done before)
-    champion: res.ChampionDecision | None
+    champion: ChampionDecision | None
     resumed: bool
     seconds: float
     paper_table: str = ""  # a grid over one or two hyperparameters: the paper's layout (tuning.results)
@@ -156,8 +157,8 @@ def register_best(
         tracking_uri=tracking_uri,
         run_id=run_id,
         registered_model_name=cfg.tracking.registered_model_name,
-        alias="",  # the champion alias moves only on improvement: promote_if_better decides
-        alias_min_ap=0.0,
+        alias=cfg.tracking.alias,  # the one alias rule (pipelines/tracking/alias.py), as for a training run
+        alias_min_ap=cfg.tracking.alias_min_ap,
         val_ap=val_ap,
     )
     client.set_tag(run_id, names.MODEL_URI_TAG, logged.model_uri)
@@ -279,7 +280,7 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
 
 def _register_best_trial(
     cfg: SearchConfig, best: res.TrialRow | None, parent_id: str, tracking_uri: str, filesystem: Any
-) -> tuple[str | None, LoggedModel | None, res.ChampionDecision | None]:
+) -> tuple[str | None, LoggedModel | None, ChampionDecision | None]:
     """Register the best trial's model (once: a resumed search that registered it already skips this) and move
     the alias to it if it beats the current champion. (best trial's MLflow run, model, champion decision)."""
     if best is None:
@@ -292,11 +293,9 @@ def _register_best_trial(
         return best_run_id, None, None
     if best_run_id is None:
         return None, None, None
-    model, val_ap = register_best(cfg, best, best_run_id, tracking_uri, filesystem)
-    champion = None
-    if cfg.tracking.alias:
-        champion = res.promote_if_better(client, model.registered_name, cfg.tracking.alias, model.version, val_ap,
-                                         cfg.tracking.alias_min_ap)  # fmt: skip
+    model, _ = register_best(cfg, best, best_run_id, tracking_uri, filesystem)
+    champion = model.champion
+    if champion is not None:  # on the parent run too: the search's decision, next to its table
         for key, value in champion.tags().items():
             client.set_tag(parent_id, key, value)
     tags = {

@@ -20,20 +20,17 @@ from typing import Any
 
 import pyarrow.fs
 from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from pipelines.names import (
-    CHAMPION_TAG_PREFIX,
     MLFLOW_PARENT_TAG,
     TRAIN_INITIAL_LOSS,
     TRIAL_FINISHED_KEY,
     TRIAL_ID_TAG,
     VAL_AP50,
     VAL_AP75,
-    VERSION_VAL_AP_TAG,
 )
 from tuning.seeds import SEED_KEY
 from tuning.space import METRIC, Dimension
@@ -256,73 +253,3 @@ def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{METRIC} per trial")
     return fig
-
-
-# ------------------------------------------------------------------------------------------------ champion
-
-
-@dataclass
-class ChampionDecision:
-    alias: str
-    candidate_version: str
-    candidate_ap: float
-    previous_version: str | None  # the version the alias pointed to before (None: no champion yet)
-    previous_ap: float | None
-    moved: bool
-    reason: str
-
-    def tags(self) -> dict[str, str]:
-        """The decision as parent-run tags (the comparison stays on record next to the search)."""
-        return {
-            CHAMPION_TAG_PREFIX + "alias": self.alias,
-            CHAMPION_TAG_PREFIX + "candidate_version": self.candidate_version,
-            CHAMPION_TAG_PREFIX + "candidate_val_AP": f"{self.candidate_ap:.4f}",
-            CHAMPION_TAG_PREFIX + "previous_version": self.previous_version or "none",
-            CHAMPION_TAG_PREFIX + "previous_val_AP": "none" if self.previous_ap is None else f"{self.previous_ap:.4f}",
-            CHAMPION_TAG_PREFIX + "moved": str(self.moved).lower(),
-            CHAMPION_TAG_PREFIX + "reason": self.reason,
-        }
-
-    def summary(self) -> str:
-        verb = "moved to" if self.moved else "stays on"
-        target = self.candidate_version if self.moved else (self.previous_version or "-")
-        return f"alias '{self.alias}' {verb} version {target}: {self.reason}"
-
-
-def promote_if_better(
-    client: MlflowClient, name: str, alias: str, version: str, val_ap: float, min_ap: float = 0.0
-) -> ChampionDecision:
-    """Point `alias` at `version` only if its val/AP beats the current champion's (strictly) and >= min_ap.
-
-    The champion's val/AP is its model-version tag ``val_AP`` (4 decimals), so the candidate is compared at the
-    same precision: a re-trained model with the same score does not take the alias. A champion without that tag
-    (aliased by hand) cannot be beaten by proof, so the alias stays; remove it to let a search set it.
-    """
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None and str(current.version) == str(version):
-        return ChampionDecision(alias, version, val_ap, current.version, val_ap, False, "already the champion")
-    previous_ap = None
-    if current is not None and VERSION_VAL_AP_TAG in (current.tags or {}):
-        previous_ap = float(current.tags[VERSION_VAL_AP_TAG])
-    candidate = round(val_ap, 4)
-    prev_version = str(current.version) if current is not None else None
-    if candidate < min_ap:
-        moved, reason = False, f"val/AP {candidate:.4f} < tracking.alias_min_ap {min_ap:.4f}"
-    elif current is None:
-        moved, reason = True, f"no '{alias}' yet; val/AP {candidate:.4f}"
-    elif previous_ap is None:
-        moved, reason = (
-            False,
-            f"the current champion (version {prev_version}) has no {VERSION_VAL_AP_TAG} tag to compare",
-        )
-    elif candidate > previous_ap:
-        moved, reason = True, f"val/AP {candidate:.4f} > champion's {previous_ap:.4f} (version {prev_version})"
-    else:
-        moved, reason = False, f"val/AP {candidate:.4f} <= champion's {previous_ap:.4f} (version {prev_version})"
-    if moved:
-        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing
-        client.set_registered_model_alias(name, alias, version)
-    return ChampionDecision(alias, str(version), val_ap, prev_version, previous_ap, moved, reason)

@@ -1,4 +1,5 @@
-"""Log the trained detector to MLflow as a pyfunc model, register it and point an alias at the new version.
+"""Log the trained detector to MLflow as a pyfunc model, register it, let the alias rule decide where the alias
+points.
 
 The logged model is MLflow's models-from-code: its code is pipelines/inference/pyfunc_model.py (a `PythonModel`
 that MLflow executes when the model is loaded), its one artifact a weights-only bundle (`retina.inference.bundle`:
@@ -39,6 +40,7 @@ from mlflow.utils import logging_utils
 import retina
 from pipelines import names
 from pipelines.inference.pyfunc_model import input_example, signature
+from pipelines.tracking.alias import ChampionDecision, promote_if_better
 from retina.inference.bundle import write_bundle
 from retina.model import RetinaNet
 
@@ -52,8 +54,16 @@ class LoggedModel:
     model_uri: str  # the logged model itself (models:/<model_id>)
     registered_name: str
     version: str
-    alias: str | None  # set when val/AP reached tracking.alias_min_ap
-    alias_uri: str | None  # models:/<name>@<alias>
+    champion: ChampionDecision | None  # what the alias rule decided (None: no tracking.alias)
+
+    @property
+    def alias(self) -> str | None:
+        """The alias now pointing at this version (None: it did not take it)."""
+        return self.champion.alias if self.champion is not None and self.champion.moved else None
+
+    @property
+    def alias_uri(self) -> str | None:
+        return f"models:/{self.registered_name}@{self.alias}" if self.alias else None
 
 
 def _requirements() -> list[str]:
@@ -139,7 +149,8 @@ def log_and_register(
     alias_min_ap: float,
     val_ap: float,
 ) -> LoggedModel:
-    """Log `model` (eval mode, on CPU) into run `run_id`, register a new version, set the alias if earned."""
+    """Log `model` (eval mode, on CPU) into run `run_id`, register a new version, and let the alias rule
+    (`pipelines.tracking.alias`) decide whether `alias` moves to it; the decision is tagged on the run."""
     model = model.cpu().eval()
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,14 +175,10 @@ def log_and_register(
     client.update_model_version(registered_model_name, version, description=describe(config, label_map, val_ap, uri))
     client.set_model_version_tag(registered_model_name, version, names.VERSION_VAL_AP_TAG, f"{val_ap:.4f}")
     client.set_model_version_tag(registered_model_name, version, names.VERSION_RUN_ID_TAG, run_id)
-    alias_set = bool(alias) and val_ap >= alias_min_ap
-    if alias_set:
-        # one call moves the alias: consumers of models:/<name>@<alias> never see it missing
-        client.set_registered_model_alias(registered_model_name, alias, version)
-    return LoggedModel(
-        model_uri=info.model_uri,
-        registered_name=registered_model_name,
-        version=version,
-        alias=alias if alias_set else None,
-        alias_uri=f"models:/{registered_model_name}@{alias}" if alias_set else None,
-    )
+    # the one alias rule (pipelines/tracking/alias.py): only a better model takes it
+    champion = promote_if_better(client, registered_model_name, alias, version, val_ap, alias_min_ap) if alias else None
+    if champion is not None:
+        for key, value in champion.tags().items():
+            client.set_tag(run_id, key, value)
+    return LoggedModel(model_uri=info.model_uri, registered_name=registered_model_name, version=version,
+                       champion=champion)  # fmt: skip

@@ -226,3 +226,29 @@ def test_pyfunc_model_loads_without_pickle_in_a_fresh_process(registered, tmp_pa
     assert set(flavors) == {"python_function"} and "model_code_path" in flavors["python_function"]
     assert "python_model" not in flavors["python_function"]  # the key of a cloudpickled PythonModel
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pth")]
+
+
+def test_a_training_run_s_worse_model_does_not_take_the_alias(registered):
+    """The one alias rule (pipelines/tracking/alias.py) holds for a training run's registration too."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import names
+    from pipelines.config import load_config
+    from pipelines.tracking.model_logging import log_and_register
+    from retina.model import build_retinanet
+    from retina.typed_config import to_dict
+
+    client = MlflowClient(registered.tracking_uri)
+    holder = str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)
+    run_id = client.create_run(client.get_experiment_by_name("serve").experiment_id).info.run_id
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    torch.manual_seed(1)
+    worse = log_and_register(build_retinanet(cfg.model), label_map=LABELS, config=to_dict(cfg),
+                             tracking_uri=registered.tracking_uri, run_id=run_id, registered_model_name=MODEL_NAME,
+                             alias="champion", alias_min_ap=0.5, val_ap=0.55)  # fmt: skip
+    assert worse.alias is None and worse.alias_uri is None and worse.champion.holder == holder
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == holder
+    tags = client.get_run(run_id).data.tags
+    assert tags[names.CHAMPION_TAG_PREFIX + "moved"] == "false" and "0.5500 <= champion's 0.6000" in tags[
+        names.CHAMPION_TAG_PREFIX + "reason"]  # fmt: skip

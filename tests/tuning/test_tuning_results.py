@@ -1,5 +1,5 @@
-"""Results table, CSV, plot, and the champion rule (alias moves only on improvement) against a real MLflow
-registry in an embedded SQLite store. Fast: no Ray, no training."""
+"""Results table, CSV, plot, and the alias rule (pipelines/tracking/alias.py: it moves only on improvement)
+against a real MLflow registry in an embedded SQLite store. Fast: no Ray, no training."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import names
+from pipelines.tracking.alias import promote_if_better
 from tuning import configurations as cf
 from tuning import paper as pp
 from tuning import results as res
@@ -92,29 +93,29 @@ def _champion(client: MlflowClient) -> str:
 
 def test_champion_moves_only_on_improvement(registry):
     v1 = _version(registry, 0.30)
-    first = res.promote_if_better(registry, "det", "champion", v1, 0.30)
+    first = promote_if_better(registry, "det", "champion", v1, 0.30)
     assert first.moved and first.previous_version is None and _champion(registry) == v1
 
     v2 = _version(registry, 0.25)  # worse: stays on v1
-    worse = res.promote_if_better(registry, "det", "champion", v2, 0.25)
+    worse = promote_if_better(registry, "det", "champion", v2, 0.25)
     assert not worse.moved and worse.previous_version == v1 and worse.previous_ap == 0.30
     assert _champion(registry) == v1
     assert worse.tags()[names.CHAMPION_TAG_PREFIX + "moved"] == "false"
     assert worse.tags()[names.CHAMPION_TAG_PREFIX + "previous_val_AP"] == "0.3000"
 
     v3 = _version(registry, 0.30)  # equal (at the tag's 4 decimals) is not better
-    assert not res.promote_if_better(registry, "det", "champion", v3, 0.300004).moved
+    assert not promote_if_better(registry, "det", "champion", v3, 0.300004).moved
     assert _champion(registry) == v1
 
     v4 = _version(registry, 0.35)  # better: moves
-    better = res.promote_if_better(registry, "det", "champion", v4, 0.35)
+    better = promote_if_better(registry, "det", "champion", v4, 0.35)
     assert better.moved and better.previous_version == v1 and _champion(registry) == v4
     assert "0.3500 > champion's 0.3000" in better.reason
 
 
 def test_champion_respects_min_ap_and_untagged_champion(registry):
     v1 = _version(registry, 0.05)
-    low = res.promote_if_better(registry, "det", "champion", v1, 0.05, min_ap=0.1)
+    low = promote_if_better(registry, "det", "champion", v1, 0.05, min_ap=0.1)
     assert not low.moved and "alias_min_ap" in low.reason
     with pytest.raises(MlflowException):  # still no alias at all
         registry.get_model_version_by_alias("det", "champion")
@@ -122,7 +123,7 @@ def test_champion_respects_min_ap_and_untagged_champion(registry):
     hand = _version(registry, None)  # a champion set by hand, without a val_AP to compare against
     registry.set_registered_model_alias("det", "champion", hand)
     v3 = _version(registry, 0.9)
-    assert not res.promote_if_better(registry, "det", "champion", v3, 0.9).moved
+    assert not promote_if_better(registry, "det", "champion", v3, 0.9).moved
     assert _champion(registry) == hand
 
 
