@@ -39,7 +39,7 @@ class Configuration:
     @property
     def scored(self) -> list[res.TrialRow]:
         """The seeds in the statistics: evaluated and not failed (completed, or stopped early by ASHA)."""
-        return [r for r in self.seeded if r.best_ap is not None and r.status != "failed"]
+        return [r for r in self.seeded if r.best_ap is not None and not r.failed]
 
     @property
     def n(self) -> int:
@@ -74,7 +74,7 @@ class Configuration:
     def status(self) -> str:
         """How its trials ended: one word when they agree ("completed", "diverged"), else the counts
         ("2 completed, 1 diverged")."""
-        states = [res.outcome(r) for r in self.seeded]
+        states = [r.status for r in self.seeded]
         if len(set(states)) == 1:
             return states[0]
         counts: dict[str, int] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from ray import tune
 
 from cluster import s3
 from cluster.ray_compat import QUIET_TUNE_ENV, TUNE_CHATTER, tuner_run_config
-from pipelines.names import EPOCH, TRIAL_FINISHED_KEY, VAL_AP50
+from pipelines.names import EPOCH, VAL_AP50
 from tuning import results as res
+from tuning import status
 from tuning.seeds import SEED_KEY
 from tuning.space import METRIC
 
@@ -111,11 +112,19 @@ class TrialLines(tune.Callback):
     """On the search driver: logs one line per trial as it ends (completed, stopped early by ASHA, diverged,
     failed with its error class) to the "retina.tune" logger, i.e. the console."""
 
-    def __init__(self, names: Sequence[str], base: dict[str, float], experiment_display: str):
+    def __init__(
+        self,
+        names: Sequence[str],
+        base: dict[str, float],
+        experiment_display: str,
+        recorded: Callable[[str], str | None] | None = None,
+    ):
         self.names = list(names)  # hyperparameters shown, in order
         self.base = dict(base)  # their values in the search's config: what a trial that does not search one uses
         self.experiment_display = experiment_display  # the Tune experiment as the user names it (errors live there)
         self.best: dict[str, tuple[float, float | None]] = {}  # trial id → (val/AP, AP50) of its best result seen
+        # trial id → the status the trial recorded in its MLflow run (tells a divergence from another failure)
+        self.recorded = recorded or (lambda trial_id: None)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         ap = result.get(METRIC)
@@ -130,11 +139,12 @@ class TrialLines(tune.Callback):
 
     def _log(self, trial: Any, failed: bool) -> None:
         try:
-            if failed:
-                status, error = "failed", _error(trial)
-            else:  # as in tuning.results: only a trial that ran to its end reports TRIAL_FINISHED_KEY
-                status, error = ("completed" if TRIAL_FINISHED_KEY in (trial.last_result or {}) else "stopped"), ""
-            row = self.row(trial, status, error)
+            if failed:  # Tune has not marked the trial yet: the callback says how it ended
+                error = _error(trial)
+                state = status.DIVERGED if self.recorded(trial.trial_id) == status.DIVERGED else status.FAILED
+            else:
+                error, state = "", status.of_finished(trial)
+            row = self.row(trial, state, error)
             detail = error
             if error and not row.diverged:  # a crash: its traceback is worth opening; a divergence says it all
                 detail += f"  (traceback: {s3.join(self.experiment_display, Path(trial.path).name)}/error.txt)"

@@ -8,10 +8,12 @@ The command over it is ``python tuning/search.py`` (its --help describes resume,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,11 @@ from retina.typed_config import flatten, to_dict
 from tuning import configurations as cf
 from tuning import paper as pp
 from tuning import results as res
-from tuning import seeds
+from tuning import seeds, status
 from tuning.config import SearchConfig
 from tuning.console import TrialLines, configure, shown_names, tune_output
 from tuning.space import DIMENSIONS, METRIC, Dimension, searched
-from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, run_trial
+from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, recorded_status, run_trial
 
 logger = logging.getLogger("retina.tune")
 
@@ -177,9 +179,12 @@ def base_values(cfg: SearchConfig) -> dict[str, float]:
     return values
 
 
-def trial_lines(cfg: SearchConfig, experiment_display: str) -> TrialLines:
-    """The console's line per ended trial: γ, α, π (searched or not) and whatever else is searched."""
-    return TrialLines(shown_names(searched(cfg.tuning)), base_values(cfg), experiment_display)
+def trial_lines(
+    cfg: SearchConfig, experiment_display: str, recorded: Callable[[str], str | None] | None = None
+) -> TrialLines:
+    """The console's line per ended trial: γ, α, π (searched or not) and whatever else is searched; `recorded`:
+    trial id → the status the trial recorded in MLflow (`tuning.trial.recorded_status`)."""
+    return TrialLines(shown_names(searched(cfg.tuning)), base_values(cfg), experiment_display, recorded)
 
 
 def paper_dims(cfg: SearchConfig) -> list[Dimension] | None:
@@ -207,10 +212,9 @@ def _log_results(
     client.log_figure(parent, fig, "search/val_AP_vs_hyperparameters.png")
     if paper:
         client.log_figure(parent, pp.heatmap(rows, dims), "search/val_AP_heatmap.png")
-    counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped", "failed")}
+    counts = {s: sum(r.status == s for r in rows) for s in status.ENDED}
     metrics = {f"search/trials_{s}": float(n) for s, n in counts.items()}
-    metrics["search/trials_diverged"] = float(sum(r.diverged for r in rows))  # among the failed ones
-    aps = [r.best_ap for r in rows if r.best_ap is not None and r.status != "failed"]
+    aps = [r.best_ap for r in rows if r.best_ap is not None and not r.failed]
     if aps:
         metrics["search/best_val_AP"] = max(aps)  # the best single trial (seed), whichever configuration it is in
     metrics["search/configurations"] = float(len(configs))
@@ -256,11 +260,12 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
                                        storage_filesystem=filesystem)  # fmt: skip
         else:
             tuner = _new_tuner(run, trainable, storage, filesystem, parent_id, tracking_uri)
-        configure(tuner, trial_lines(cfg, experiment_display), console.is_verbose())
+        recorded = functools.partial(recorded_status, tracking_uri, cfg.tracking.experiment, parent_id)
+        configure(tuner, trial_lines(cfg, experiment_display, recorded), console.is_verbose())
         with tune_output(console.is_verbose()):
             tuner.fit()
         client = MlflowClient(tracking_uri)
-        rows = res.with_initial_losses(res.collect(experiment_path, filesystem), client, parent_id)
+        rows = res.with_run_facts(res.collect(experiment_path, filesystem), client, parent_id)
         table = res.format_table(res.by_ap(rows), searched(t))
         configs = cf.group(rows)
         # with one seed each configuration is one trial: the trial table says it all

@@ -27,15 +27,14 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from pipelines.names import (
     MLFLOW_PARENT_TAG,
     TRAIN_INITIAL_LOSS,
-    TRIAL_FINISHED_KEY,
     TRIAL_ID_TAG,
+    TRIAL_STATUS_TAG,
     VAL_AP50,
     VAL_AP75,
 )
+from tuning import status
 from tuning.seeds import SEED_KEY
 from tuning.space import METRIC, Dimension
-
-DIVERGED_ERROR = "NonFiniteLossError"  # the driver's exception for a run whose loss stopped being finite
 
 
 @dataclass
@@ -45,7 +44,7 @@ class TrialRow:
     params: dict[str, float]  # the searched hyperparameters
     best_ap: float | None  # best val/AP over the trial's evaluations (None: it never evaluated)
     epochs: int  # epochs the trial ran (its last reported epoch)
-    status: str  # completed | stopped (by ASHA) | failed | pending/running (search interrupted)
+    status: str  # tuning.status: completed | stopped (by ASHA) | diverged | failed | pending/running (interrupted)
     error: str = ""
     checkpoints: list[str] = field(default_factory=list)  # checkpoint paths, best val/AP first
     ap50: float | None = None  # val/AP50 and val/AP75 of the evaluation with the best val/AP
@@ -55,17 +54,13 @@ class TrialRow:
 
     @property
     def diverged(self) -> bool:
-        """The trial failed because its loss stopped being finite (not a crash or a lost node)."""
-        return self.status == "failed" and DIVERGED_ERROR in self.error
+        """The trial ended because its loss stopped being finite (not a crash or a lost node)."""
+        return self.status == status.DIVERGED
 
-
-def _status(trial: Any) -> str:
-    if trial.status == "ERROR":
-        return "failed"
-    if trial.status == "TERMINATED":
-        # only a trial that ran to its end reports FINISHED_KEY (Tune sets done=True for stopped trials too)
-        return "completed" if TRIAL_FINISHED_KEY in (trial.last_result or {}) else "stopped"
-    return str(trial.status).lower()
+    @property
+    def failed(self) -> bool:
+        """Diverged or failed: no usable result."""
+        return self.status in status.FAILURES
 
 
 def error_line(text: str) -> str:
@@ -118,21 +113,27 @@ def collect(experiment_path: str, filesystem: pyarrow.fs.FileSystem | None = Non
         config = dict(trial.config or {})
         seed = config.pop(SEED_KEY, None)  # a training setting, not a hyperparameter: it names the repeat
         params = {k: float(v) for k, v in config.items() if isinstance(v, (int, float))}
-        rows.append(TrialRow(str(trial), trial.trial_id, params, status=_status(trial), error=error,
+        rows.append(TrialRow(str(trial), trial.trial_id, params, status=status.of_tune(trial), error=error,
                              seed=None if seed is None else int(seed), **found))  # fmt: skip
     return rows
 
 
-def with_initial_losses(rows: list[TrialRow], client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
-    """`rows` with each trial's ``train/initial_loss`` from its MLflow child run (one search over the children)."""
+def with_run_facts(rows: list[TrialRow], client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
+    """`rows` with what only each trial's MLflow child run knows (one search over the children): its
+    ``train/initial_loss``, and whether a failed trial diverged (the status it recorded, `tuning.status`)."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     children = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_TAG}` = '{parent_run_id}'")
-    losses = {
-        c.data.tags[TRIAL_ID_TAG]: c.data.metrics[TRAIN_INITIAL_LOSS]
-        for c in children
-        if TRIAL_ID_TAG in c.data.tags and TRAIN_INITIAL_LOSS in c.data.metrics
-    }
-    return [dataclasses.replace(r, initial_loss=losses.get(r.trial_id, r.initial_loss)) for r in rows]
+    by_trial = {c.data.tags[TRIAL_ID_TAG]: c.data for c in children if TRIAL_ID_TAG in c.data.tags}
+    out = []
+    for r in rows:
+        data = by_trial.get(r.trial_id)
+        if data is None:
+            out.append(r)
+            continue
+        diverged = r.status == status.FAILED and data.tags.get(TRIAL_STATUS_TAG) == status.DIVERGED
+        out.append(dataclasses.replace(r, initial_loss=data.metrics.get(TRAIN_INITIAL_LOSS, r.initial_loss),
+                                       status=status.DIVERGED if diverged else r.status))  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -153,10 +154,10 @@ def end_state(r: TrialRow) -> str:
     """How a trial ended, in words a person reads: completed | stopped early (ASHA) | diverged | failed (<error
     class>); pending/running for the trials of an interrupted search. ASHA is the only thing that stops a trial
     before its last step here (no Tune stoppers), so "stopped" is always its decision."""
-    if r.status == "stopped":
+    if r.status == status.STOPPED:
         return "stopped early (ASHA)"
-    if r.status == "failed":
-        return "diverged" if r.diverged else f"failed ({error_kind(r.error)})"
+    if r.status == status.FAILED:
+        return f"failed ({error_kind(r.error)})"
     return r.status
 
 
@@ -167,12 +168,6 @@ def state_counts(rows: list[TrialRow]) -> str:
         state = end_state(r)
         counts[state] = counts.get(state, 0) + 1
     return ", ".join(f"{n} {state}" for state, n in counts.items())
-
-
-def outcome(r: TrialRow) -> str:
-    """How a trial ended in one word: completed | stopped | diverged (a non-finite loss, a kind of failed) |
-    failed."""
-    return "diverged" if r.diverged else r.status
 
 
 def by_ap(rows: list[TrialRow]) -> list[TrialRow]:
@@ -238,13 +233,13 @@ def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
     fig = Figure(figsize=(4 * len(dims), 3.6), layout="constrained")
     axes = fig.subplots(1, len(dims), squeeze=False)[0]
     for ax, d in zip(axes, dims, strict=True):
-        for status, marker, color in (("completed", "o", "tab:blue"), ("stopped", "s", "tab:orange")):
-            pts = [(r.params[d.name], r.best_ap) for r in rows if r.status == status and r.best_ap is not None]
+        for state, marker, color in ((status.COMPLETED, "o", "tab:blue"), (status.STOPPED, "s", "tab:orange")):
+            pts = [(r.params[d.name], r.best_ap) for r in rows if r.status == state and r.best_ap is not None]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=status)
-        failed = [r.params[d.name] for r in rows if r.status == "failed" and d.name in r.params]
+                ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=state)
+        failed = [r.params[d.name] for r in rows if r.failed and d.name in r.params]
         if failed:
-            ax.scatter(failed, [0.0] * len(failed), marker="x", color="tab:red", label="failed")
+            ax.scatter(failed, [0.0] * len(failed), marker="x", color="tab:red", label="failed or diverged")
         if d.log_scale:
             ax.set_xscale("log")
         ax.set_xlabel(d.name)

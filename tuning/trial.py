@@ -34,6 +34,7 @@ from pipelines.training.faults import Faults
 from pipelines.training.run import Prepared, fit
 from pipelines.training.trainer import best_checkpoint
 from retina.typed_config import flatten, to_dict
+from tuning import status
 from tuning.seeds import with_seed
 from tuning.space import METRIC, apply_hyperparameters
 
@@ -93,6 +94,12 @@ def find_child_run(tracking_uri: str, experiment: str, parent_run_id: str, trial
     return found[0].info.run_id if found else None
 
 
+def recorded_status(tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The status a trial recorded in its MLflow run (`tuning.status`), or None without a run."""
+    run_id = find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+    return None if run_id is None else MlflowClient(tracking_uri).get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG)
+
+
 def evaluation_report() -> Any:
     """Forwards rank 0's evaluation reports to Tune; drops reports without val/AP.
 
@@ -125,14 +132,16 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     tags = {
         names.MLFLOW_PARENT_TAG: setup.parent_run_id,
         names.TRIAL_ID_TAG: trial_id,
-        names.TRIAL_STATUS_TAG: "running",
+        names.TRIAL_STATUS_TAG: status.RUNNING,
     }
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if resumed and names.ERROR_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, names.ERROR_TAG)  # an earlier attempt's error, not this one's
     logger.info("%s%s: %s (MLflow run %s)", name, " (resumed)" if resumed else "", params, run_id)
-    with store.tracked_run(setup.tracking_uri, run_id, failure_tags={names.TRIAL_STATUS_TAG: "failed"}) as status:
+    # a divergence is told from other failures by the exception's type, here where it is the real one
+    verdict = lambda exc: {names.TRIAL_STATUS_TAG: status.of_error(exc)}  # noqa: E731
+    with store.tracked_run(setup.tracking_uri, run_id, failure_tags=verdict) as outcome:
         # The callback must be created here, inside the Tune session: it forwards rank 0's reports to Tune.
         result = fit(setup.run, cfg, setup.tracking_uri, run_id,
                      faults=setup.faults.for_trial(trial_number(name)), callbacks=[evaluation_report()])  # fmt: skip
@@ -145,7 +154,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         # The last evaluation once more, from the trial itself: Tune requires val/AP in a trial's last result, and
         # a trial whose Train run had already finished (resumed search) reports nothing through the callback.
         tune.report({**final, names.TRIAL_FINISHED_KEY: 1})
-        status.tags[names.TRIAL_STATUS_TAG] = "completed"
+        outcome.tags[names.TRIAL_STATUS_TAG] = status.COMPLETED
 
 
 class TrialRunStatus(tune.Callback):
@@ -161,22 +170,22 @@ class TrialRunStatus(tune.Callback):
         self.experiment = experiment
         self.parent_run_id = parent_run_id
 
-    def _close(self, trial: Any, status: str, run_status: str) -> None:
+    def _close(self, trial: Any, ended: str, run_status: str) -> None:
         try:
             run_id = find_child_run(self.tracking_uri, self.experiment, self.parent_run_id, trial.trial_id)
             if run_id is None:
                 return
             client = MlflowClient(self.tracking_uri)
-            if status != "failed" and client.get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG) == "failed":
-                return  # the trial's own verdict wins
-            client.set_tag(run_id, names.TRIAL_STATUS_TAG, status)
+            if client.get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG) in status.FAILURES:
+                return  # the trial's own verdict (diverged or failed) wins; it closed its run itself
+            client.set_tag(run_id, names.TRIAL_STATUS_TAG, ended)
             client.set_terminated(run_id, run_status)
         except Exception:  # bookkeeping must never end the search
             logger.exception("could not close the MLflow run of trial %s", trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         finished = names.TRIAL_FINISHED_KEY in (trial.last_result or {})
-        self._close(trial, "completed" if finished else "stopped", "FINISHED")
+        self._close(trial, status.COMPLETED if finished else status.STOPPED, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "failed", "FAILED")
+        self._close(trial, status.FAILED, "FAILED")

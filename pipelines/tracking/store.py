@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +129,16 @@ class RunOutcome:
 
 @contextlib.contextmanager
 def tracked_run(
-    tracking_uri: str, run_id: str, *, failure_tags: Mapping[str, str] | None = None
+    tracking_uri: str,
+    run_id: str,
+    *,
+    failure_tags: Mapping[str, str] | Callable[[BaseException], Mapping[str, str]] | None = None,
 ) -> Iterator[RunOutcome]:
     """Close MLflow run `run_id` with the outcome of the block: the one owner of FINISHED / FAILED / KILLED.
 
     Ctrl-C (KeyboardInterrupt) → KILLED; any other exception → the ``retina.error`` tag (its type and message)
-    plus `failure_tags`, then FAILED; the exception propagates. Normal exit → ``status.tags``, then
-    ``status.status`` (FINISHED unless the block set another).
+    plus `failure_tags` (or `failure_tags(exception)`), then FAILED; the exception propagates. Normal exit →
+    ``status.tags``, then ``status.status`` (FINISHED unless the block set another).
     """
     client = MlflowClient(tracking_uri)
     status = RunOutcome()
@@ -145,7 +148,8 @@ def tracked_run(
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:
-        for key, value in {ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000], **(failure_tags or {})}.items():
+        extra = failure_tags(exc) if callable(failure_tags) else failure_tags or {}
+        for key, value in {ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000], **extra}.items():
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, "FAILED")
         raise

@@ -30,7 +30,7 @@ ROWS = [
     res.TrialRow(
         "trial_001_bb", "bb", {"gamma": 4.5, "alpha": 0.8, "prior": 0.15}, 0.31, 1, "stopped", "", ["c"], ap50=0.5
     ),
-    res.TrialRow("trial_002_cc", "cc", {"gamma": 0.5, "alpha": 0.5, "prior": 0.002}, None, 0, "failed", DIVERGED, []),
+    res.TrialRow("trial_002_cc", "cc", {"gamma": 0.5, "alpha": 0.5, "prior": 0.002}, None, 0, "diverged", DIVERGED, []),
 ]
 
 
@@ -63,7 +63,9 @@ class FakeTrial:
 @pytest.fixture
 def lines(caplog):
     caplog.set_level(logging.INFO, logger="retina.tune")
-    callback = tc.TrialLines(NAMES, {"gamma": 2.0, "alpha": 0.25, "prior": 0.01}, "s3://bucket/runs/focal_study")
+    recorded = {"cc": "failed", "dd": "diverged"}  # what each trial recorded in its MLflow run
+    callback = tc.TrialLines(NAMES, {"gamma": 2.0, "alpha": 0.25, "prior": 0.01}, "s3://bucket/runs/focal_study",
+                             recorded.get)  # fmt: skip
     return callback, caplog
 
 

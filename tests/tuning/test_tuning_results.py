@@ -4,6 +4,7 @@ against a real MLflow registry in an embedded SQLite store. Fast: no Ray, no tra
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ ERROR = "NonFiniteLossError: non-finite loss at step 0"
 ROWS = [
     res.TrialRow("trial_000_aa", "aa", {"gamma": 2.0, "alpha": 0.25, "prior": 0.01}, 0.31, 4, "completed", "", ["c0"]),
     res.TrialRow("trial_001_bb", "bb", {"gamma": 4.5, "alpha": 0.8, "prior": 0.15}, 0.12, 1, "stopped", "", ["c1"]),
-    res.TrialRow("trial_002_cc", "cc", {"gamma": 0.5, "alpha": 0.5, "prior": 0.002}, None, 0, "failed", ERROR, []),
+    res.TrialRow("trial_002_cc", "cc", {"gamma": 0.5, "alpha": 0.5, "prior": 0.002}, None, 0, "diverged", ERROR, []),
 ]
 
 
@@ -37,7 +38,7 @@ def test_table_csv_and_plot(tmp_path):
     path = res.write_csv(ROWS, DIMS, tmp_path / "results.csv")
     with path.open() as f:
         table = list(csv.DictReader(f))
-    assert [r["status"] for r in table] == ["completed", "stopped", "failed"]
+    assert [r["status"] for r in table] == ["completed", "stopped", "diverged"]
     assert float(table[0]["best_val_AP"]) == 0.31 and table[2]["best_val_AP"] == ""
     assert float(table[1]["gamma"]) == 4.5
 
@@ -136,15 +137,18 @@ STUDY_ROWS = [  # a γ × α grid: four evaluated cells, one diverged, one crash
     res.TrialRow("trial_000_a", "a", {"gamma": 0.0, "alpha": 0.25}, 0.108, 2, "completed", "", ["c"], 0.2, 0.1, 5.2),
     res.TrialRow("trial_001_b", "b", {"gamma": 0.0, "alpha": 0.75}, 0.311, 2, "completed", "", ["c"], 0.49, 0.33, 4.0),
     res.TrialRow("trial_002_c", "c", {"gamma": 2.0, "alpha": 0.25}, 0.34, 2, "completed", "", ["c"], 0.525, 0.365, 1.1),
-    res.TrialRow("trial_003_d", "d", {"gamma": 2.0, "alpha": 0.75}, None, 0, "failed", DIVERGED, [], initial_loss=0.9),
+    res.TrialRow(
+        "trial_003_d", "d", {"gamma": 2.0, "alpha": 0.75}, None, 0, "diverged", DIVERGED, [], initial_loss=0.9
+    ),
     res.TrialRow("trial_004_e", "e", {"gamma": 5.0, "alpha": 0.25}, None, 0, "failed", "RuntimeError: lost node", []),
     res.TrialRow("trial_005_f", "f", {"gamma": 5.0, "alpha": 0.75}, None, 0, "stopped", "", []),
     res.TrialRow("trial_006_g", "g", {"gamma": 0.5, "alpha": 0.25}, 0.2, 1, "completed", "", ["c"]),  # no AP50/75
 ]
 
 
-def test_diverged_is_a_failed_trial_with_a_non_finite_loss():
+def test_diverged_is_its_own_status_and_a_failure():
     assert [r.diverged for r in STUDY_ROWS] == [False, False, False, True, False, False, False]
+    assert [r.failed for r in STUDY_ROWS] == [False, False, False, True, True, False, False]
     assert ROWS[2].diverged and not ROWS[0].diverged
 
 
@@ -160,7 +164,7 @@ def test_paper_table_rows_gamma_columns_alpha_with_failed_and_diverged_cells():
         ["5", "failed", "stopped"],
     ]
     trials = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]] for line in lines[9:]}
-    assert trials["trial_003_d"] == ["2", "0.75", "0.9000", "yes", "failed (" + DIVERGED + ")"]
+    assert trials["trial_003_d"] == ["2", "0.75", "0.9000", "yes", "diverged (" + DIVERGED + ")"]
     assert trials["trial_004_e"][2:] == ["-", "no", "failed (RuntimeError: lost node)"]
     assert trials["trial_000_a"][2:4] == ["5.2000", "no"]
 
@@ -196,7 +200,7 @@ def test_heatmap_colours_evaluated_cells_and_labels_the_others(tmp_path):
 
 def test_prior_study_has_one_row_per_pi():
     rows = [
-        res.TrialRow("trial_000_a", "a", {"prior": 0.5}, None, 0, "failed", DIVERGED, [], initial_loss=60.0),
+        res.TrialRow("trial_000_a", "a", {"prior": 0.5}, None, 0, "diverged", DIVERGED, [], initial_loss=60.0),
         res.TrialRow("trial_001_b", "b", {"prior": 0.1}, 0.2, 2, "completed", "", ["c"], 0.3, 0.2, 5.0),
         res.TrialRow("trial_002_c", "c", {"prior": 0.01}, 0.25, 2, "completed", "", ["c"], 0.4, 0.25, 1.2),
     ]
@@ -210,18 +214,23 @@ def test_prior_study_has_one_row_per_pi():
     assert ax.get_ylabel() == "prior" and ax.get_images()[0].get_array().shape == (3, 1)
 
 
-def test_initial_losses_come_from_the_trials_child_runs(tmp_path):
+def test_initial_losses_and_divergence_come_from_the_trials_child_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("search", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp).info.run_id
     for trial_id, loss in (("aa", 3.5), ("bb", None)):  # bb diverged before logging one
-        child = client.create_run(exp, tags={names.MLFLOW_PARENT_TAG: parent, names.TRIAL_ID_TAG: trial_id})
+        child = client.create_run(exp, tags={names.MLFLOW_PARENT_TAG: parent, names.TRIAL_ID_TAG: trial_id,
+                                             names.TRIAL_STATUS_TAG: "completed" if loss else "diverged"})  # fmt: skip
         if loss is not None:
             client.log_metric(child.info.run_id, names.TRAIN_INITIAL_LOSS, loss, step=0)
     other = client.create_run(exp, tags={names.TRIAL_ID_TAG: "cc"})  # another search's trial: not read
     client.log_metric(other.info.run_id, names.TRAIN_INITIAL_LOSS, 9.0, step=0)
-    rows = res.with_initial_losses(ROWS, client, parent)
+    # as Tune reports them: every error a failure (the error text is no evidence either way)
+    tune_rows = [ROWS[0], dataclasses.replace(ROWS[1], status="failed", error="RayTaskError: ..."),
+                 dataclasses.replace(ROWS[2], status="failed")]  # fmt: skip
+    rows = res.with_run_facts(tune_rows, client, parent)
     assert [r.initial_loss for r in rows] == [3.5, None, None]
+    assert [r.status for r in rows] == ["completed", "diverged", "failed"]  # cc: no run of this search says so
     assert [r.name for r in rows] == [r.name for r in ROWS] and ROWS[0].initial_loss is None  # a new list
 
 

@@ -193,12 +193,12 @@ BROKEN = {"gamma": 0.0, "alpha": 0.5, "prior": 0.01}
 ROWS = [  # a 4-configuration x 3-seed search, grid order (the seed varies slowest)
     _row(0, STEADY, 0, 0.30, ap50=0.5, ap75=0.3),
     _row(1, LUCKY, 0, 0.40, ap50=0.6, ap75=0.4),  # the best single trial...
-    _row(2, SHAKY, 0, None, "failed", error=DIVERGED),
+    _row(2, SHAKY, 0, None, "diverged", error=DIVERGED),
     _row(3, BROKEN, 0, None, "failed", error="RuntimeError: lost node"),
     _row(4, STEADY, 1, 0.32, ap50=0.52, ap75=0.32),
     _row(5, LUCKY, 1, 0.20, ap50=0.4, ap75=0.2),  # ...in a configuration with a worse mean
     _row(6, SHAKY, 1, 0.25),
-    _row(7, BROKEN, 1, None, "failed", error=DIVERGED),
+    _row(7, BROKEN, 1, None, "diverged", error=DIVERGED),
     _row(8, STEADY, 2, 0.31, ap50=0.51, ap75=0.31),
     _row(9, LUCKY, 2, 0.21, ap50=0.4, ap75=0.2),
     _row(10, SHAKY, 2, 0.10, "stopped"),
@@ -239,7 +239,7 @@ def test_one_seed_is_one_trial_per_configuration_and_a_seed_that_ran_twice_count
     configs = cf.group(single)
     assert [(c.n, c.mean, c.std) for c in configs] == [(1, 0.3, None), (1, 0.35, None)]  # no spread from one seed
     assert cf.champion(configs).best.name == "trial_001_01"  # the best trial, as before seeds existed
-    rerun = cf.group([*ROWS[:4], _row(12, STEADY, 0, 0.28), _row(13, STEADY, 0, None, "failed", error=DIVERGED)])
+    rerun = cf.group([*ROWS[:4], _row(12, STEADY, 0, 0.28), _row(13, STEADY, 0, None, "diverged", error=DIVERGED)])
     assert rerun[0].n == 1 and rerun[0].mean == pytest.approx(0.30) and len(rerun[0].trials) == 3
 
 
