@@ -171,7 +171,7 @@ class Evaluation(Hook):
         t, start = loop.cfg.train, time.perf_counter()
         broadcast_buffers(loop.parts.model)  # every rank evaluates the model the checkpoint holds
         predictions = predict_split(loop.parts.model, loop.val_batches(), device=loop.parts.device,
-                                    autocast=autocast(t.amp, loop.parts.device),
+                                    autocast=autocast(loop.parts.train.amp, loop.parts.device),
                                     num_samples=t.num_logged_images if final else 0)  # fmt: skip
         metrics = {**loop.last_train, names.STEP: loop.step, names.EPOCH: loop.epoch,
                    names.TRAIN_EPOCH_IMAGES_PER_S: epoch_images_per_s}  # fmt: skip

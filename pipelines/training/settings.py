@@ -34,7 +34,9 @@ class TrainConfig:
     lr_steps: list[int] = field(default_factory=lambda: [60_000, 80_000])  # iterations where lr *= lr_gamma
     lr_gamma: float = 0.1
     grad_clip: float = 0.0  # max total gradient norm; 0 disables clipping (the paper does not clip)
-    amp: str = "none"  # none | bf16 (autocast; GPU, or CPU with AVX-512 BF16 / AMX) | fp16 (+ GradScaler, GPU)
+    # none | bf16 (autocast; GPU, or CPU with AVX-512 BF16 / AMX) | fp16 (+ GradScaler, GPU) | auto (bf16 where it
+    # runs natively, else none: decided by each worker for its device, pipelines.training.step.resolve_amp)
+    amp: str = "none"
     seed: int = 0  # initial weights, the shard order of every epoch, each image's scale and flip
     # the same config and seed give the same run: decode outputs kept in plan order (Ray Data preserve_order) and
     # PyTorch's deterministic kernels (on CUDA also no cuDNN autotuning); see docs/training.md for its price
@@ -61,7 +63,7 @@ class TrainConfig:
         require(all(s >= 1 for s in self.lr_steps), "train.lr_steps", "must be >= 1 (iterations)")
         require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
         require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-        require(self.amp in ("none", "bf16", "fp16"), "train.amp", "must be none, bf16 or fp16")
+        require(self.amp in ("none", "bf16", "fp16", "auto"), "train.amp", "must be none, bf16, fp16 or auto")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(self.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
         require(self.num_logged_images >= 0, "train.num_logged_images", "must be >= 0")

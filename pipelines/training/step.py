@@ -8,6 +8,7 @@ flags, then `apply_update` steps the optimizer, the loss scaler and the lr sched
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +48,31 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def warn_if_bf16_is_emulated(amp: str, device: torch.device) -> None:
-    """bf16 autocast on a CPU without native bf16 runs, but many times slower than fp32: say so once per worker."""
-    if amp != "bf16" or device.type != "cpu":
-        return
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU runs bf16 matrix products natively (None: not Linux, nothing to go by)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: nothing to go by
-        return
-    if not any(flag in flags for flag in NATIVE_BF16_FLAGS):
+    except OSError:
+        return None
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp as this worker runs it: ``auto`` becomes bf16 on a GPU with bf16 or a CPU with native bf16, else
+    none (fp32). So the same config and seed repeat on the same kind of machine; another kind may differ."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if cpu_has_native_bf16() else "none"
+
+
+def warn_if_bf16_is_emulated(amp: str, device: torch.device) -> None:
+    """bf16 autocast on a CPU without native bf16 runs, but many times slower than fp32: say so once per worker."""
+    if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
         logger.warning("train.amp=bf16 on a CPU without %s: PyTorch emulates bf16 and a step can take ~15x longer "
-                       "than in fp32; set train.amp=none on this machine", " or ".join(NATIVE_BF16_FLAGS))  # fmt: skip
+                       "than in fp32; set train.amp=auto or none on this machine",
+                       " or ".join(NATIVE_BF16_FLAGS))  # fmt: skip
 
 
 @dataclass
@@ -79,7 +94,9 @@ class TrainingParts:
         """`model` already holds any restored weights: prepare_model moves it and wraps it in DDP (world > 1).
         `global_batch`: the images of one optimizer step in this worker group (the lr scales with it)."""
         device = ray.train.torch.get_device()
+        train = dataclasses.replace(train, amp=resolve_amp(train.amp, device))  # parts.train: what this worker runs
         warn_if_bf16_is_emulated(train.amp, device)
+        logger.info("precision: %s", {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[train.amp])
         ddp_model = ray.train.torch.prepare_model(LossModule(model))
         optimizer = build_optimizer(model, train, global_batch)
         scheduler = WarmupMultiStepLR(optimizer, train)

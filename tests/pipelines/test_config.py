@@ -68,7 +68,7 @@ def test_a_search_config_is_not_a_run_config():
         ("bogus.key=1", "unknown config key(s): bogus"),
         ("train.max_steps=lots", "train.max_steps: expected an integer"),
         ("train.lr_steps=[100, 50]", "train.lr_steps: must be increasing"),
-        ("train.amp=fp8", "train.amp: must be none, bf16 or fp16"),
+        ("train.amp=fp8", "train.amp: must be none, bf16, fp16 or auto"),
         ("scaling.num_workers=0", "scaling.num_workers: must be >= 1"),
         ("scaling.resources_per_worker={GPU: 1}", "scaling.resources_per_worker: CPU/GPU come from"),
         ("scaling.resources_per_worker={A100: many}", "scaling.resources_per_worker.A100: expected a number"),

@@ -120,4 +120,14 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
         assert not caplog.records
         warn_if_bf16_is_emulated("bf16", torch.device("cpu"))
     assert bool(caplog.records) == (not native)
-    assert all("train.amp=none" in r.getMessage() for r in caplog.records)
+    assert all("train.amp=auto or none" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_precision_is_bf16_only_where_it_runs_natively():
+    from pathlib import Path
+
+    from pipelines.training.step import NATIVE_BF16_FLAGS, resolve_amp
+
+    native = any(flag in Path("/proc/cpuinfo").read_text() for flag in NATIVE_BF16_FLAGS)
+    assert resolve_amp("auto", torch.device("cpu")) == ("bf16" if native else "none")
+    assert [resolve_amp(a, torch.device("cpu")) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
