@@ -66,10 +66,10 @@ def promote_if_better(
     previous_ap = None
     if current is not None and VERSION_VAL_AP_TAG in (current.tags or {}):
         previous_ap = float(current.tags[VERSION_VAL_AP_TAG])
-    candidate = round(val_ap, 4)
+    candidate = round(val_ap, 4)  # the champion's tag precision; the minimum is checked on the exact value
     prev_version = str(current.version) if current is not None else None
-    if candidate < min_ap:
-        moved, reason = False, f"val/AP {candidate:.4f} < tracking.alias_min_ap {min_ap:.4f}"
+    if val_ap < min_ap:
+        moved, reason = False, f"val/AP {val_ap:.6g} < tracking.alias_min_ap {min_ap:.6g}"
     elif current is None:
         moved, reason = True, f"no '{alias}' yet; val/AP {candidate:.4f}"
     elif previous_ap is None:

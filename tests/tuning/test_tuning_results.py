@@ -114,6 +114,11 @@ def test_champion_moves_only_on_improvement(registry):
     assert "0.3500 > champion's 0.3000" in better.reason
 
 
+def test_the_minimum_is_checked_on_the_exact_ap_not_the_tag_s_four_decimals(registry):
+    v1 = _version(registry, 3e-5)  # its tag reads 0.0000
+    assert promote_if_better(registry, "det", "champion", v1, 3e-5, min_ap=1e-6).moved and _champion(registry) == v1
+
+
 def test_champion_respects_min_ap_and_untagged_champion(registry):
     v1 = _version(registry, 0.05)
     low = promote_if_better(registry, "det", "champion", v1, 0.05, min_ap=0.1)
