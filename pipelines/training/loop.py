@@ -235,8 +235,10 @@ def train_func(config: dict[str, RunInputs]) -> dict[str, Any]:
     parts = TrainingParts.build(model, cfg.train, cfg.per_worker_batch * world)
     if state is not None:
         parts.restore(state)
-        logger.info("resumed from %s at step %d (epoch %d, step %d of it)", checkpoint.path, state.step, state.epoch,
-                    state.epoch_step)  # fmt: skip
+        # one line per restart (rank 0's): every rank loads the same checkpoint
+        logger.log(logging.INFO if ctx.get_world_rank() == 0 else logging.DEBUG,
+                   "resumed from %s at step %d (epoch %d, step %d of it)", checkpoint.path, state.step, state.epoch,
+                   state.epoch_step)  # fmt: skip
     loop = Loop(inputs, parts, state)
     if state is not None:
         loop.tracker.set_tag(names.RESUMED_FROM_TAG, str(state.step))

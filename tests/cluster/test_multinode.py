@@ -165,19 +165,17 @@ def finished_run(tmp_path: Path):
 
 
 def steps_redone(log: Path) -> list[int]:
-    """For each restart: the last step trained before it minus the step its checkpoint resumed from."""
+    """For each restart: the last step trained before it minus the step its checkpoint resumed from. Rank 0 logs
+    the one "resumed from" line of a restart (the other ranks' lines, interleaved with rank 0's steps by Ray's log
+    forwarding, made this count one restart twice)."""
     text = log.read_text(errors="replace")
-    redone, last, restarted = [], 0, False
+    redone, last = [], 0
     for line in text.splitlines():
         if m := re.search(r"step (\d+)/\d+ loss=", line):
             last = max(last, int(m.group(1)))
         elif m := re.search(r"resumed from .* at step (\d+)", line):
-            if restarted and int(m.group(1)) == last:
-                continue  # the same restart, told by another rank
             redone.append(last - int(m.group(1)))
-            last, restarted = int(m.group(1)), True
-            continue
-        restarted = restarted and "loss=" not in line
+            last = int(m.group(1))
     return redone
 
 
