@@ -21,17 +21,17 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1 : text.index("]")]
 
 
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
+def _mapping_flags(address: int) -> set[str]:
+    """VmFlags of the mapping holding `address`, from /proc/self/smaps (``hg``: advised MADV_HUGEPAGE)."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(v, 16) for v in head.split("-"))
             inside = lo <= address < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    return set()
 
 
 def test_small_and_non_cpu_requests_are_plain_empty_tensors():
@@ -41,9 +41,12 @@ def test_small_and_non_cpu_requests_are_plain_empty_tensors():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"),
                     reason="needs Linux with transparent huge pages in always/madvise mode")  # fmt: skip
-def test_large_buffer_is_backed_by_huge_pages_once_written():
+def test_large_buffer_is_advised_to_huge_pages():
     out = cpu_buffers.empty((64, 1 << 18), torch.float32, torch.device("cpu"))  # 64 MiB
-    out.fill_(1.5)  # first touch: the faults happen here
+    out.fill_(1.5)
     assert float(out[-1, -1]) == 1.5
-    # at least half of the 2 MiB-aligned interior is huge pages (the kernel may fall back for a few under pressure)
-    assert _anon_huge_kib(out.data_ptr() + out.numel() * 2) >= 16 * 1024
+    # The advice is what this package controls; whether the kernel then finds free 2 MiB pages depends on the
+    # host's memory fragmentation (a CI host once backed none), so the test checks the advice, not the backing.
+    assert "hg" in _mapping_flags(out.data_ptr() + out.numel() * 2)
+    plain = torch.empty((64, 1 << 18), dtype=torch.float32)
+    assert "hg" not in _mapping_flags(plain.data_ptr() + plain.numel() * 2)
