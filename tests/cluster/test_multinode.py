@@ -22,6 +22,7 @@ import pytest
 
 from cluster.local import RAY, free_port
 from pipelines import names
+from pipelines.training import restarts
 from tests._train_helpers import REPO, data_overrides, smoke_data  # noqa: F401
 from tests.s3_server import s3_server  # noqa: F401
 
@@ -165,18 +166,9 @@ def finished_run(tmp_path: Path):
 
 
 def steps_redone(log: Path) -> list[int]:
-    """For each restart: the last step trained before it minus the step its checkpoint resumed from. Rank 0 logs
-    the one "resumed from" line of a restart (the other ranks' lines, interleaved with rank 0's steps by Ray's log
-    forwarding, made this count one restart twice)."""
-    text = log.read_text(errors="replace")
-    redone, last = [], 0
-    for line in text.splitlines():
-        if m := re.search(r"step (\d+)/\d+ loss=", line):
-            last = max(last, int(m.group(1)))
-        elif m := re.search(r"resumed from .* at step (\d+)", line):
-            redone.append(last - int(m.group(1)))
-            last = int(m.group(1))
-    return redone
+    """For each restart: the steps trained again. Rank 0 logs the one "resumed from" line of a restart (the other
+    ranks' lines, interleaved with rank 0's steps by Ray's log forwarding, made this count one restart twice)."""
+    return restarts.steps_redone(log.read_text(errors="replace"))
 
 
 def test_node_loss_regrowth_and_preemption(cluster, smoke_data, s3_server, tmp_path):  # noqa: F811
