@@ -24,6 +24,7 @@ repeated). The suite covers the other rows of docs/cluster.md's fault matrix; th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -278,6 +279,7 @@ def start_env(work: Path, steps: int, outage_s: float):
     from moto.server import ThreadedMotoServer
     from ray.cluster_utils import Cluster
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     moto_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     moto.start()

@@ -77,9 +77,17 @@ class S3Settings:
         )
 
 
-# Bounded retries with backoff for throttling/5xx/connection resets (docs/data.md, bad input); permanent errors
-# (AccessDenied, NoSuchKey) are not retried by botocore, so they fail fast.
-_BOTO_CONFIG = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+# An S3 endpoint that is briefly unreachable (restarting, a network partition) must delay a run, not fail it: a
+# failed checkpoint upload costs a worker-group restart, and a restart during the outage cannot read its checkpoint
+# (benchmarks/faults.py, "s3-down", failed the run with 5 attempts). So network errors, throttling and 5xx are
+# retried with exponential backoff for about 100 s per request; errors S3 answers (AccessDenied, NoSuchKey,
+# NoSuchBucket) are never retried and fail at once.
+# pyarrow (Ray Train's checkpoints, Ray Data's shards): AWS's default strategy, 25 ms x 2^i before retry i, so 11
+# retries (max_attempts=12) wait 25 ms x (2^12 - 2) = 102 s in all, deterministically.
+ARROW_RETRY_ATTEMPTS = 12
+# boto3 (listing, small objects, deletes): botocore's standard mode, a random share of min(2^i s, 20 s) before retry
+# i; 10 attempts wait up to 111 s, ~55 s on average.
+_BOTO_CONFIG = BotoConfig(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 
 def client(settings: S3Settings | None = None):
@@ -207,11 +215,26 @@ def arrow_filesystem(path: str | os.PathLike, settings: S3Settings | None = None
         "access_key": s.access_key,
         "secret_key": s.secret_key,
         "session_token": s.session_token,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
     }
     if s.endpoint_url:
         parsed = urlparse(s.endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
     bucket, key = split_s3(path)
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), f"{bucket}/{key}".rstrip("/")
+    return RetryingS3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), f"{bucket}/{key}".rstrip("/")
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """`pafs.S3FileSystem` with the retries above, also after pickling: pyarrow's own pickling drops the retry
+    strategy (checked against pyarrow 25.0.1), so the copy a Ray worker gets would give up after ~1 s."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_RETRY_ATTEMPTS), **kwargs)
+        self._kwargs = kwargs
+
+    def __reduce__(self):
+        return _rebuild_s3, (self._kwargs,)
+
+
+def _rebuild_s3(kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**kwargs)
