@@ -95,7 +95,14 @@ def find_child_run(tracking_uri: str, experiment: str, parent_run_id: str, trial
 
 
 def recorded_status(tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
-    """The status a trial recorded in its MLflow run (`tuning.status`), or None without a run."""
+    """The status a trial recorded in its MLflow run (`tuning.status`), or None without a run.
+
+    For a trial that `TrialRunStatus` has just closed on this driver, the status it read and left there: the
+    console's line for the same ended trial asks right after it, and one MLflow search per trial is enough.
+    """
+    closed = _closed_status.pop((parent_run_id, trial_id), _NOT_CLOSED)
+    if closed is not _NOT_CLOSED:
+        return closed
     run_id = find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
     return None if run_id is None else MlflowClient(tracking_uri).get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG)
 
@@ -115,6 +122,13 @@ def trial_config(setup: TrialSetup, params: dict[str, Any], trial_name: str) -> 
     """The trial's training config: its hyperparameters and seed, its own Train run name and folder."""
     cfg = with_seed(apply_hyperparameters(setup.run.config, params), params)
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_name, storage_path=setup.trials_dir))
+
+
+def _failure_verdict(exc: BaseException) -> dict[str, str]:
+    """The status tag of a trial that raised `exc`. Decided here, in the trial's own driver: a divergence is told
+    from other failures by the exception's type, and only here is the exception the real one (the search driver
+    gets its text)."""
+    return {names.TRIAL_STATUS_TAG: status.of_error(exc)}
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -139,9 +153,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if resumed and names.ERROR_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, names.ERROR_TAG)  # an earlier attempt's error, not this one's
     logger.info("%s%s: %s (MLflow run %s)", name, " (resumed)" if resumed else "", params, run_id)
-    # a divergence is told from other failures by the exception's type, here where it is the real one
-    verdict = lambda exc: {names.TRIAL_STATUS_TAG: status.of_error(exc)}  # noqa: E731
-    with store.tracked_run(setup.tracking_uri, run_id, failure_tags=verdict) as outcome:
+    with store.tracked_run(setup.tracking_uri, run_id, failure_tags=_failure_verdict) as outcome:
         # The callback must be created here, inside the Tune session: it forwards rank 0's reports to Tune.
         result = fit(setup.run, cfg, setup.tracking_uri, run_id,
                      faults=setup.faults.for_trial(trial_number(name)), callbacks=[evaluation_report()])  # fmt: skip
@@ -157,12 +169,22 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         outcome.tags[names.TRIAL_STATUS_TAG] = status.COMPLETED
 
 
+# (parent run id, trial id) → the status `TrialRunStatus` left on that trial's child run as the trial ended, until
+# `recorded_status` reads it. Module state because its writer and its reader are built apart and share only these
+# ids (the callback with the Tuner, or unpickled with a restored one; the console's `recorded` in tuning/experiment.py
+# from the search's ids). Tune calls the console's TrialLines after TrialRunStatus (`tuning.console.configure` appends
+# it last), so the console finds the entry and MLflow is searched once per ended trial.
+_closed_status: dict[tuple[str, str], str | None] = {}
+_NOT_CLOSED = object()  # no entry: None is a status too (the trial never created its run)
+
+
 class TrialRunStatus(tune.Callback):
-    """On the search driver: closes the MLflow child run of every trial that ends.
+    """On the search driver: closes the MLflow child run of every trial that ends, the one lookup of that run there.
 
     A trial that ASHA stops is ended by Tune from outside (its process goes away mid-``fit``), so its child run
     would stay RUNNING forever; errors that kill the trial's process (out of memory) likewise skip its own
     bookkeeping. Trials that end normally have already closed their run; setting the same status again is harmless.
+    The status the run holds afterwards is kept for `recorded_status`.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
@@ -171,17 +193,26 @@ class TrialRunStatus(tune.Callback):
         self.parent_run_id = parent_run_id
 
     def _close(self, trial: Any, ended: str, run_status: str) -> None:
+        key = (self.parent_run_id, trial.trial_id)
+        _closed_status.pop(key, None)  # an earlier attempt's (a trial resumed in this process): never served now
         try:
-            run_id = find_child_run(self.tracking_uri, self.experiment, self.parent_run_id, trial.trial_id)
-            if run_id is None:
-                return
-            client = MlflowClient(self.tracking_uri)
-            if client.get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG) in status.FAILURES:
-                return  # the trial's own verdict (diverged or failed) wins; it closed its run itself
-            client.set_tag(run_id, names.TRIAL_STATUS_TAG, ended)
-            client.set_terminated(run_id, run_status)
-        except Exception:  # bookkeeping must never end the search
+            _closed_status[key] = self._close_run(trial.trial_id, ended, run_status)
+        except Exception:  # bookkeeping must never end the search; recorded_status then looks the run up itself
             logger.exception("could not close the MLflow run of trial %s", trial.trial_id)
+
+    def _close_run(self, trial_id: str, ended: str, run_status: str) -> str | None:
+        """Set `ended` on the trial's child run unless the trial recorded a failure itself; the status it holds now
+        (None: the trial never created its run)."""
+        run_id = find_child_run(self.tracking_uri, self.experiment, self.parent_run_id, trial_id)
+        if run_id is None:
+            return None
+        client = MlflowClient(self.tracking_uri)
+        recorded = client.get_run(run_id).data.tags.get(names.TRIAL_STATUS_TAG)
+        if recorded in status.FAILURES:
+            return recorded  # the trial's own verdict (diverged or failed) wins; it closed its run itself
+        client.set_tag(run_id, names.TRIAL_STATUS_TAG, ended)
+        client.set_terminated(run_id, run_status)
+        return ended
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         finished = names.TRIAL_FINISHED_KEY in (trial.last_result or {})

@@ -162,6 +162,17 @@ def _require(record: Mapping[str, Any], key: str, types: type | tuple[type, ...]
     return value
 
 
+def _record_id(record: Any, where: str, name: str, kind: str) -> tuple[int, str]:
+    """A record's integer ``id`` and the new `where` for its remaining checks: ``<name>: <kind> id <id>``.
+
+    Until the id is known, `where` names the record by its position (``<name>: images[3]``); after, by its id,
+    which is what a person searches the file for."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: must be an object")
+    record_id = _require(record, "id", int, where)
+    return record_id, f"{name}: {kind} id {record_id}"
+
+
 def _load(source: bytes | str | Mapping[str, Any], name: str) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
@@ -187,11 +198,7 @@ def _parse_categories(entries: list[Any], name: str) -> dict[int, str]:
     """``categories`` → {COCO id: name}; duplicates and an empty list are errors (no classes, no model)."""
     categories: dict[int, str] = {}
     for i, cat in enumerate(entries):
-        where = f"{name}: categories[{i}]"
-        if not isinstance(cat, dict):
-            raise DataError(f"{where}: must be an object")
-        cid = _require(cat, "id", int, where)
-        where = f"{name}: category id {cid}"
+        cid, where = _record_id(cat, f"{name}: categories[{i}]", name, "category")
         cname = _require(cat, "name", str, where)
         if cid in categories:
             raise DataError(f"{where}: duplicate category id")
@@ -205,11 +212,7 @@ def _parse_images(entries: list[Any], name: str) -> dict[int, dict[str, Any]]:
     """``images`` → {image id: working record}; the box lists are filled by `_parse_annotations`."""
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(entries):
-        where = f"{name}: images[{i}]"
-        if not isinstance(img, dict):
-            raise DataError(f"{where}: must be an object")
-        image_id = _require(img, "id", int, where)
-        where = f"{name}: image id {image_id}"
+        image_id, where = _record_id(img, f"{name}: images[{i}]", name, "image")
         if image_id in images:
             raise DataError(f"{where}: duplicate image id")
         file_name = safe_relative_path(img.get("file_name"), where)
@@ -238,10 +241,7 @@ def _annotation_fields(
 
     Checks run in a fixed order so the first structural problem is the one reported.
     """
-    if not isinstance(ann, dict):
-        raise DataError(f"{where}: must be an object")
-    ann_id = _require(ann, "id", int, where)
-    where = f"{name}: annotation id {ann_id}"
+    ann_id, where = _record_id(ann, where, name, "annotation")
     if ann_id in seen:
         raise DataError(f"{where}: duplicate annotation id")
     seen.add(ann_id)

@@ -35,13 +35,13 @@ IGNORE = -2
 
 
 def sigmoid_focal_loss_reference(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "sum",
+    logits: torch.Tensor, labels: torch.Tensor, *, alpha: float, gamma: float, reduction: str
 ) -> torch.Tensor:
+    """The ``reference`` backend of `sigmoid_focal_loss`: the textbook formula in plain autograd, for debugging.
+
+    No defaults here: the contract's defaults and input checks are `sigmoid_focal_loss`'s, stated once there (two
+    copies could drift apart); a direct call names every parameter."""
+    _check_reduction(reduction)
     num_classes = logits.shape[-1]
     x = logits.float()
     # targets: [..., K] in {0, 1}; a comparison against arange avoids an explicit one-hot scatter
@@ -56,16 +56,17 @@ def sigmoid_focal_loss_reference(
     loss = torch.where((labels != IGNORE).unsqueeze(-1), loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss.to(logits.dtype)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    raise ValueError(f"reduction must be none, mean or sum, got {reduction!r}")
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 BACKENDS = ("auto", "triton", "compiled", "eager", "reference")
 REDUCTIONS = ("sum", "mean", "none")
 COMPILE_MIN_ELEMENTS = 2**20  # auto on CPU: smaller logits run eager (see the module docstring)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be none, mean or sum, got {reduction!r}")
 
 
 def resolve_backend(backend: str | None, device: torch.device, numel: int | None = None) -> str:
@@ -117,8 +118,7 @@ def sigmoid_focal_loss(
     data-dependent shape, so the op can be captured in CUDA graphs. ``alpha`` and ``gamma`` are plain floats and
     changing them compiles nothing.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be none, mean or sum, got {reduction!r}")
+    _check_reduction(reduction)
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:

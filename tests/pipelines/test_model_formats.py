@@ -36,11 +36,13 @@ def _tiny_model():
 def store(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking.store import experiment_id
+
     root = tmp_path_factory.mktemp("formats")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("formats", artifact_location=str(root / "artifacts"))
-    return root, uri, client.create_run(experiment).info.run_id
+    # the project's own experiment creation: its artifacts stay beside the database, in this temporary folder
+    return root, uri, client.create_run(experiment_id(client, "formats")).info.run_id
 
 
 def _log_pytorch_model(store, model, extra_files: list[str]) -> str:

@@ -63,14 +63,15 @@ def registered(tmp_path_factory):
 
     from pipelines.config import load_config
     from pipelines.tracking.model_logging import log_and_register
+    from pipelines.tracking.store import experiment_id
     from retina.model import build_retinanet
     from retina.typed_config import to_dict
 
     root = tmp_path_factory.mktemp("served")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment("serve", artifact_location=str(root / "artifacts"))
-    run_id = client.create_run(experiment).info.run_id
+    # the project's own experiment creation: its artifacts stay beside the database, in this temporary folder
+    run_id = client.create_run(experiment_id(client, "serve")).info.run_id
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["model.postprocess.score_thresh=0.0"])
     torch.manual_seed(0)
     warnings = _Records(logging.WARNING)

@@ -196,7 +196,8 @@ def test_environment_variable_selects_backend(monkeypatch):
     x = logits.clone().requires_grad_()
     loss = sigmoid_focal_loss(x, labels)
     assert loss.grad_fn.name() != "FusedFocalLossBackward"
-    assert torch.equal(loss, sigmoid_focal_loss_reference(logits, labels)) and calls == [1]
+    reference = sigmoid_focal_loss_reference(logits, labels, alpha=0.25, gamma=2.0, reduction="sum")  # the defaults
+    assert torch.equal(loss, reference) and calls == [1]
     assert resolve_backend("auto", torch.device("cpu")) == "compiled"  # size unknown: compiled
     with pytest.raises(ValueError, match="must be one of"):
         resolve_backend("fused", torch.device("cpu"))  # no synonyms: one name per backend
