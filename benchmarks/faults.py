@@ -164,6 +164,11 @@ class Watch:
     def last_step(self) -> int:
         return restarts.last_step(self.text())
 
+    def reach(self, step: int) -> int:
+        """Wait until a worker has logged `step`; the last step logged by then."""
+        self.wait(lambda: self.last_step() >= step, f"step {step}")
+        return self.last_step()
+
     def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -184,16 +189,15 @@ def fault_none(env: Env, watch: Watch) -> str:
 
 
 def fault_worker_sigkill(env: Env, watch: Watch) -> str:
-    watch.wait(lambda: watch.last_step() >= 2 * EVERY + 1, "two checkpoints")
+    at = watch.reach(2 * EVERY + 1)  # two checkpoints
     worker = training_workers(env)[0]
     os.kill(worker.pid, signal.SIGKILL)
-    return f"SIGKILL worker pid {worker.pid} at step {watch.last_step()}"
+    return f"SIGKILL worker pid {worker.pid} at step {at}"
 
 
 def outage(watch: Watch, at_step: int, seconds: float, stop: Callable[[], None], start: Callable[[], None]) -> int:
     """Once the run reaches `at_step`: stop a service, wait `seconds`, start it again; the step it went down at."""
-    watch.wait(lambda: watch.last_step() >= at_step, f"step {at_step}")
-    at = watch.last_step()
+    at = watch.reach(at_step)
     stop()
     time.sleep(seconds)
     start()
@@ -211,8 +215,8 @@ def fault_s3_down(env: Env, watch: Watch) -> str:
 
 
 def fault_preempted_replaced(env: Env, watch: Watch) -> str:
-    watch.wait(lambda: watch.last_step() >= 2 * EVERY + 1, "two checkpoints")
-    at, node_id = watch.last_step(), training_workers(env)[0].node_id
+    at = watch.reach(2 * EVERY + 1)  # two checkpoints
+    node_id = training_workers(env)[0].node_id
     node = next(n for n in env.cluster.list_all_nodes() if n.node_id == node_id)
     command = [RAY, "drain-node", "--address", env.cluster.address, "--node-id", node_id,
                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed (benchmark)",
