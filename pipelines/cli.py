@@ -37,6 +37,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, s
     )
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """``--model`` (required: a model URI or checkpoint directory) and ``--tracking-uri`` (the MLflow store that
+    resolves it): the pair every command that loads a trained model takes."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """The console: our lines with a time stamp; the libraries' own output only with --verbose."""
     from pipelines import console

@@ -41,21 +41,13 @@ DEFAULT_GAMMAS_HELP = "0 0.5 1 2"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.docstring_parser(__doc__)
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>, "
-        "runs:/<run_id>/model or a checkpoint directory",
+    cli.add_model_arguments(
+        parser,
+        "models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>, runs:/<run_id>/model or a checkpoint directory",
     )
     parser.add_argument("--data", required=True, help="prepared shards (folder with manifest.json), local or s3://")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per batch (default: the training run's data.val_batch_size)",
-    )
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: the training's data.val_batch_size)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment of the evaluation run")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
     parser.add_argument(
         "--loss-analysis", action="store_true", help="also the loss concentration over the anchors (Figure 4)"

@@ -27,7 +27,7 @@ from pipelines import cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.docstring_parser(__doc__)
-    parser.add_argument("--model", required=True, help="model URI or checkpoint directory (see below)")
+    cli.add_model_arguments(parser, "model URI or checkpoint directory (see below)")
     parser.add_argument("--images", required=True, help="folder of images, local or s3://bucket/prefix")
     parser.add_argument("--output", required=True, help="output folder, local or s3://bucket/prefix")
     parser.add_argument(
@@ -42,7 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-actors", type=int, default=None, help="model replicas (default: one per GPU of the cluster, else 1)"
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when Ray has GPUs")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     return parser.parse_args(argv)
 
 
