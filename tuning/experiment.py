@@ -235,7 +235,7 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
     """The whole search: checks, parent MLflow run, Tune (new or restored), table, registration, champion."""
     started = time.time()
     console.quiet_libraries()  # Optuna (imported with tuning.space) set its logger to INFO: "A new study created"
-    run = prepare_run(with_search_defaults(cfg))
+    run = prepare_run(with_search_defaults(cfg), driver_cpus=cfg.tuning.driver_cpus)
     cfg = run.config
     t = cfg.tuning
     storage, filesystem, display = storage_location(t.storage_path)

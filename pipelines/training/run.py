@@ -88,13 +88,18 @@ class Prepared:
         return TrainPlan.for_run(self.train_index, cfg).epochs(cfg.train.max_steps, cfg.scaling.num_workers)
 
 
-def prepare_run(cfg: Config) -> Prepared:
+def prepare_run(cfg: Config, *, driver_cpus: float = 0.0) -> Prepared:
     """What every training run (and every search) does first: absolute paths, Ray, the sample data on first use,
-    and the shards' checks."""
+    and the shards' checks.
+
+    `driver_cpus`: what a search trial's own process holds besides the run's workers and data CPUs. A local Ray
+    is sized for all of it: sized for the workers and data CPUs alone (3 on the 2-core machine for the demo's
+    recipe), a trial needing 3.25 would wait for a placement forever."""
     cfg = with_absolute_paths(cfg)
     logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
     sc = cfg.scaling
-    connect_ray(cpus_needed=sc.num_workers * sc.cpus_per_worker + sc.data_cpus, log_to_driver=console.is_verbose())
+    cpus = sc.num_workers * sc.cpus_per_worker + sc.data_cpus + driver_cpus
+    connect_ray(cpus_needed=cpus, log_to_driver=console.is_verbose())
     capacity = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
     logger.info(
         "Ray: %g CPUs, %g GPUs on %d node(s)",

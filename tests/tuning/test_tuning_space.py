@@ -87,6 +87,25 @@ def test_cli_rejects_an_invalid_space_before_ray_starts(capsys, monkeypatch):
     assert connects == []
 
 
+def test_a_local_ray_is_sized_for_a_whole_trial(monkeypatch):
+    """Its workers, its data CPUs and its own driver process: sized without the driver's 0.25 CPU, the demo recipe's
+    trial (3.25 CPUs) never got placed on the 3 CPUs a 2-core machine's local Ray had, and the search waited."""
+    from pipelines.training import run as training_run
+    from tuning.experiment import run_search
+
+    class Connected(Exception):
+        pass
+
+    def connect_ray(**kw):
+        raise Connected(kw["cpus_needed"])
+
+    monkeypatch.setattr(training_run, "connect_ray", connect_ray)
+    cfg = cfg_with("scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.data_cpus=1")
+    with pytest.raises(Connected) as connected:
+        run_search(cfg)
+    assert connected.value.args[0] == 2 * 1 + 1 + cfg.tuning.driver_cpus > 3
+
+
 def test_command_line_flags_override_the_tuning_section():
     from tuning import search
 
