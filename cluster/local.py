@@ -50,10 +50,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _has_token(env: dict[str, str]) -> bool:
+    """Whether Ray finds a token without us: $RAY_AUTH_TOKEN, else the file at $RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token (the places Ray 2.60's token loader reads, in that order)."""
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
 def ensure_auth_token(env: dict[str, str] | None = None) -> None:
-    """Create ~/.ray/auth_token if missing (``ray get-auth-token --generate`` keeps an existing one)."""
+    """Create ~/.ray/auth_token if Ray finds no token (``ray get-auth-token --generate``; skipped when there is one,
+    since the CLI costs ~2 s of imports on every head start)."""
     env = dict(os.environ if env is None else env, RAY_AUTH_MODE="token")
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    if not _has_token(env):
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
