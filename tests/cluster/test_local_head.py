@@ -1,7 +1,7 @@
-"""The local head (cluster/local.py) with real `ray start` processes: it comes up every time with the ports Ray
-chose, a start that loses its one pre-picked port is started again, and SIGINT, SIGTERM or SIGHUP to
-``python -m cluster.local start`` stop every process of the head. Heads of 1 CPU: the start-up, not the capacity,
-is tested."""
+"""The local head (cluster/local.py) with real `ray start` processes: ``python -m cluster.local start`` comes up
+20 times out of 20 with the ports Ray chose, and SIGINT, SIGTERM or SIGHUP (in turn) stops every process of the
+head each time; a start that loses its one pre-picked port is started again. Heads of 1 CPU: the start-up, not the
+capacity, is tested."""
 
 from __future__ import annotations
 
@@ -28,35 +28,22 @@ REPO = Path(__file__).resolve().parents[2]
 STARTS = 20
 
 
-def check_up_then_stop(head: LocalHead) -> None:
+def check_up(dashboard_url: str, gcs_address: str, temp_dir: str) -> None:
     """The addresses read back are the head's: its job API answers there to our token, and the GCS port is the
     one Ray picked."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # start_head made sure it exists
+    request = urllib.request.Request(f"{dashboard_url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    assert json.loads(urllib.request.urlopen(request, timeout=10).read())["ray_version"]
+    gcs_port = next(Path(temp_dir, "session_latest").glob("gcs_server_port_*")).read_text().strip()
+    assert gcs_address.endswith(f":{gcs_port}")
+
+
+def check_up_then_stop(head: LocalHead) -> None:
     try:
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # start_head made sure it exists
-        url = f"{head.dashboard_url}/api/version"
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-        assert json.loads(urllib.request.urlopen(request, timeout=10).read())["ray_version"]
-        gcs_port = next(Path(head.temp_dir, "session_latest").glob("gcs_server_port_*")).read_text().strip()
-        assert head.gcs_address.endswith(f":{gcs_port}")
+        check_up(head.dashboard_url, head.gcs_address, head.temp_dir)
     finally:  # a failed check leaves no head behind
         head.stop()
     assert not head.processes() and not Path(head.temp_dir).exists()
-
-
-def test_head_starts_and_stops_every_time(capsys):
-    """20 starts in a row, 20 heads up (the job API answers on the port Ray picked) and stopped whole."""
-    failures, started = [], time.monotonic()
-    for i in range(STARTS):
-        try:
-            check_up_then_stop(start_head(num_cpus=1))
-        except Exception as exc:  # count them all, then report
-            failures.append(f"start {i}: {type(exc).__name__}: {str(exc)[-1500:]}")
-    seconds = time.monotonic() - started
-    retries = capsys.readouterr().err.count("ray start failed (attempt")
-    with capsys.disabled():
-        print(f"\n{STARTS - len(failures)}/{STARTS} heads up and stopped in {seconds:.0f} s "
-              f"({seconds / STARTS:.1f} s each), {retries} start(s) made again")  # fmt: skip
-    assert not failures, "\n".join(failures)
 
 
 def test_a_start_that_loses_its_port_is_started_again(monkeypatch):
@@ -101,29 +88,52 @@ def processes_of(group: int, temp_dir: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
-def test_a_stop_signal_stops_every_process_of_the_head(sig, tmp_path):
-    log, up = tmp_path / "local.log", None
+UP = re.compile(r"Ray head up: job API (\S+), GCS (\S+), temp dir (\S+), process group (\d+)")
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def start_and_stop_by_signal(sig: signal.Signals, log: Path) -> None:
+    """`python -m cluster.local start` until its head is up (checked as `check_up`), then `sig` to the command:
+    it exits 0 saying so, and no process of the head (by its process group or its temp dir) is left."""
     command = [sys.executable, "-m", "cluster.local", "start", "--num-cpus", "1", "--dashboard-port", "0"]
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    up = None
     try:
         deadline = time.monotonic() + 180
-        while not (up := re.search(r"temp dir (\S+), process group (\d+)", log.read_text())):
+        while not (up := UP.search(log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        temp_dir, group = up.group(1), int(up.group(2))
+        url, gcs, temp_dir, group = up.group(1), up.group(2), up.group(3), int(up.group(4))
+        check_up(url, gcs, temp_dir)
         assert processes_of(group, temp_dir), "the head's processes were not found"
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         assert f"{sig.name}: stopping the Ray head" in log.read_text()
         assert not processes_of(group, temp_dir), log.read_text()[-3000:]
         assert not Path(temp_dir).exists()
-    finally:  # a failed test leaves nothing running: the command, then its head's processes (by group and dir)
+    finally:  # a failed start leaves nothing running: the command, then its head's processes (by group and dir)
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
         if up:
-            for pid in processes_of(int(up.group(2)), up.group(1)):
+            for pid in processes_of(int(up.group(4)), up.group(3)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_the_command_starts_and_a_stop_signal_stops_it_whole_every_time(tmp_path, capsys):
+    """20 starts in a row, each stopped by the next of SIGTERM, SIGINT and SIGHUP: 20 heads up and stopped whole."""
+    failures, started = [], time.monotonic()
+    for i in range(STARTS):
+        sig = SIGNALS[i % len(SIGNALS)]
+        try:
+            start_and_stop_by_signal(sig, tmp_path / f"local{i}.log")
+        except Exception as exc:  # count them all, then report
+            failures.append(f"start {i} ({sig.name}): {type(exc).__name__}: {str(exc)[-1500:]}")
+    seconds = time.monotonic() - started
+    retries = sum(p.read_text().count("ray start failed (attempt") for p in tmp_path.glob("local*.log"))
+    with capsys.disabled():
+        print(f"\n{STARTS - len(failures)}/{STARTS} heads up and stopped by a signal in {seconds:.0f} s "
+              f"({seconds / STARTS:.1f} s each), {retries} start(s) made again")  # fmt: skip
+    assert not failures, "\n".join(failures)

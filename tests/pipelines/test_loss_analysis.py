@@ -1,6 +1,6 @@
 """`evaluate.py --loss-analysis` without a model run: its flags, its MLflow metrics, artifacts and report (real
 MLflow in an embedded SQLite store), and the worker loop's step-0 loss (train/initial_loss). Fast: no Ray.
-The analysis of a trained model over shards: tests/pipelines/test_predict.py and tests/tuning/test_focal_study.py."""
+The analysis of a trained model over shards: tests/pipelines/test_predict.py and tests/tuning/test_tuning_search.py."""
 
 from __future__ import annotations
 

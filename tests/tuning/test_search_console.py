@@ -1,6 +1,6 @@
 """The search's console on hand-made trials and results, without Ray: one line per ended trial (what the Tune
 callback logs), Tune's own output switched off unless --verbose, and the final summary. The real search's
-output is checked in test_focal_study.py (the CLI) and test_tuning_search.py (a resumed search)."""
+output is checked in test_tuning_search.py (the CLI driver, killed, then the resumed search)."""
 
 from __future__ import annotations
 
