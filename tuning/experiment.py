@@ -31,6 +31,7 @@ from pipelines import console, names
 from pipelines.tracking import store
 from pipelines.tracking.alias import ChampionDecision
 from pipelines.tracking.model_logging import LoggedModel, log_and_register
+from pipelines.training.capacity import CapacityError
 from pipelines.training.checkpoint import model_from_state
 from pipelines.training.faults import Faults
 from pipelines.training.run import Prepared, prepare_run
@@ -123,9 +124,16 @@ def max_concurrent(cfg: SearchConfig, cluster: dict[str, float], num_trials: int
     need["CPU"] += cfg.scaling.data_cpus  # each trial reserves its own (pipelines/training/reservation.py)
     fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
     if fits < 1:
-        # An autoscaling cluster may add the nodes later: run one at a time rather than refuse.
-        logger.warning("one trial needs %s but the cluster has %s now; running one trial at a time", need,
-                       {k: cluster.get(k, 0.0) for k in need})  # fmt: skip
+        have = {k: cluster.get(k, 0.0) for k in need}
+        if cfg.scaling.capacity_wait_s <= 0:  # nothing will add the nodes: refuse now, not a trial that never starts
+            raise CapacityError(
+                f"one trial needs {need} (its workers, tuning.driver_cpus and scaling.data_cpus) but the cluster "
+                f"has {have}: lower scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus, add nodes, "
+                "or on an autoscaling cluster set scaling.capacity_wait_s to run the trials one at a time as nodes "
+                "come"
+            )
+        logger.warning("one trial needs %s but the cluster has %s now; running one trial at a time (an autoscaling "
+                       "cluster may add the nodes: scaling.capacity_wait_s)", need, have)  # fmt: skip
         fits = 1
     cap = cfg.tuning.max_concurrent_trials or fits
     return max(1, min(fits, cap, num_trials))

@@ -194,7 +194,11 @@ def test_concurrency_follows_cluster_and_trial_needs():
     cpu = cfg_with("scaling.num_workers=1", "scaling.data_cpus=1")  # 1 worker x 1 CPU + 0.25 + 1 reserved for data
     assert experiment.max_concurrent(cpu, {"CPU": 4}, num_trials=3) == 1
     assert experiment.max_concurrent(cpu, {"CPU": 8}, num_trials=3) == 3
-    assert experiment.max_concurrent(cpu, {"CPU": 2}, num_trials=3) == 1  # does not fit now: one at a time
+    # a trial that does not fit: refused, naming what it needs, unless nodes may come (scaling.capacity_wait_s)
+    with pytest.raises(ConfigError, match=r"one trial needs \{'CPU': 2\.25\} .* has \{'CPU': 2\}.*capacity_wait_s"):
+        experiment.max_concurrent(cpu, {"CPU": 2}, num_trials=3)
+    waiting = cfg_with("scaling.num_workers=1", "scaling.data_cpus=1", "scaling.capacity_wait_s=600")
+    assert experiment.max_concurrent(waiting, {"CPU": 2}, num_trials=3) == 1  # one at a time as nodes come
 
 
 def test_asha_rungs_stop_before_the_last_epoch():
