@@ -5,7 +5,7 @@ measure the steps trained again and the wall time of the whole run.
 
 The run is the real command (`pipelines/train.py`) in a subprocess with its own run name, folder and MLflow
 store; this script watches its MLflow run, and once `train/loss` has reached `--at` × train.max_steps it kills
-the newest RayTrainWorker process. Printed: the step of the kill, the step the restarted group resumed from
+the newest RayTrainWorker process of that run (a descendant of the command: other Rays on the machine are left alone). Printed: the step of the kill, the step the restarted group resumed from
 (its checkpoint), the steps trained again (at most run.checkpoint_every_steps when the step checkpoints keep
 up), the run's wall time and its final val/AP.
 """
@@ -21,17 +21,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from pipelines.config import load_config
 from pipelines.names import RESUMED_FROM_TAG, TRAIN_LOSS, VAL_AP
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def newest_worker_pid() -> int | None:
-    """The most recently started RayTrainWorker process of this machine (`ps` lists Ray's actor processes)."""
-    out = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True, text=True).stdout
-    workers = [line.split(None, 2) for line in out.splitlines() if "ray::RayTrainWorker" in line]
-    return int(min(workers, key=lambda w: int(w[1]))[0]) if workers else None
+def newest_worker_pid(command_pid: int) -> int | None:
+    """The most recently started RayTrainWorker process of the training command `command_pid`: its local Ray's
+    raylet, and so every worker, descends from it. Another Ray on the machine (a search, a test session) has
+    RayTrainWorkers too, and killing one of those would be another run's fault, not this run's."""
+    try:
+        processes = psutil.Process(command_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    workers = []
+    for process in processes:
+        try:
+            if "ray::RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append((process.create_time(), process.pid))
+        except psutil.Error:  # gone meanwhile
+            continue
+    return max(workers)[1] if workers else None
 
 
 def latest_step(client, experiment: str) -> tuple[str | None, int]:
@@ -65,7 +78,7 @@ def main() -> None:
     while proc.poll() is None:
         time.sleep(2)
         run_id, step = latest_step(client, cfg.tracking.experiment)
-        if killed_step is None and step >= kill_at and (pid := newest_worker_pid()) is not None:
+        if killed_step is None and step >= kill_at and (pid := newest_worker_pid(proc.pid)) is not None:
             os.kill(pid, signal.SIGKILL)
             killed_step = step
             print(f"killed RayTrainWorker pid {pid} at logged step {step} ({time.monotonic() - started:.0f} s)")
