@@ -5,9 +5,10 @@ measure the steps trained again and the wall time of the whole run.
 
 The run is the real command (`pipelines/train.py`) in a subprocess with its own run name, folder and MLflow
 store; this script watches its MLflow run, and once `train/loss` has reached `--at` × train.max_steps it kills
-the newest RayTrainWorker process of that run (a descendant of the command: other Rays on the machine are left alone). Printed: the step of the kill, the step the restarted group resumed from
-(its checkpoint), the steps trained again (at most run.checkpoint_every_steps when the step checkpoints keep
-up), the run's wall time and its final val/AP.
+the newest RayTrainWorker process of that run (a descendant of the command: other Rays on the machine are left
+alone). Printed: the step of the kill, the step the restarted group resumed from (its checkpoint), the steps
+trained again (at most run.checkpoint_every_steps when the step checkpoints keep up), the run's wall time and
+its final val/AP.
 """
 
 from __future__ import annotations
