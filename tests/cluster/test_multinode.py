@@ -283,8 +283,10 @@ def test_search_trial_loses_its_node(search_cluster, smoke_data, s3_server, tmp_
                 found[trial] = found.get(trial, 0) + 1
         return found
 
+    # 600 s: the trials run one at a time here (two would need 2 x 1.25 of the head's 2 CPUs), so the second
+    # checkpoints only after the first has finished, which a loaded machine has taken 214 s for
     wait_for(lambda: sum(1 for n in trial_checkpoints().values() if n >= 1) == 2, "a checkpoint of each trial",
-             proc, log, timeout=300)  # fmt: skip
+             proc, log, timeout=600)  # fmt: skip
     # The node of a trial that is still training (under load one trial can be done before the other has started)
     hit = node_of_a_training_worker(cluster)
     clock.mark("both trials checkpointed; the node of a training trial dies")
