@@ -120,8 +120,8 @@ def trial_resources(cfg: SearchConfig) -> dict[str, float]:
 
 def max_concurrent(cfg: SearchConfig, cluster: dict[str, float], num_trials: int) -> int:
     """floor(cluster resources / one trial's needs) over CPU, GPU and custom resources, capped by the flag."""
-    need = trial_resources(cfg)
-    need["CPU"] += cfg.scaling.data_cpus  # each trial reserves its own (pipelines/training/reservation.py)
+    # each trial also reserves its own data CPUs (pipelines/training/reservation.py), outside its placement group
+    need = trial_resources(cfg) | {"CPU": cfg.scaling.run_cpus + cfg.tuning.driver_cpus}
     fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
     if fits < 1:
         have = {k: cluster.get(k, 0.0) for k in need}

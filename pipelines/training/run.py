@@ -97,10 +97,8 @@ def prepare_run(cfg: Config, *, driver_cpus: float = 0.0) -> Prepared:
     recipe), a trial needing 3.25 would wait for a placement forever."""
     cfg = with_absolute_paths(cfg)
     logger.info("connecting to Ray (%s)", os.environ.get("RAY_ADDRESS") or "a local Ray on this machine")
-    sc = cfg.scaling
-    cpus = sc.num_workers * sc.cpus_per_worker + sc.data_cpus + driver_cpus
-    connect_ray(cpus_needed=cpus, log_to_driver=console.is_verbose())
-    capacity = check_capacity(sc, cfg.run.storage_path)  # fail fast, not a job that waits forever
+    connect_ray(cpus_needed=cfg.scaling.run_cpus + driver_cpus, log_to_driver=console.is_verbose())
+    capacity = check_capacity(cfg.scaling, cfg.run.storage_path)  # fail fast, not a job that waits forever
     logger.info(
         "Ray: %g CPUs, %g GPUs on %d node(s)",
         capacity.total.get("CPU", 0),

@@ -101,6 +101,12 @@ class ScalingConfig:
         """The smallest group the run can train with."""
         return self.min_workers if self.elastic else self.num_workers
 
+    @property
+    def run_cpus(self) -> float:
+        """CPUs one run holds at its full size: its workers' and the input pipeline's (a local Ray is sized for
+        this, a search counts it per trial)."""
+        return self.num_workers * self.cpus_per_worker + self.data_cpus
+
     def check(self) -> None:
         require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         require(
