@@ -1,5 +1,6 @@
 """What every command shares: the parser built from its docstring, the ``--config``/``--set`` arguments, logging,
-and one mapping from the project's exceptions to exit codes (2: bad input or config, 1: the job failed)."""
+and one mapping from the project's exceptions to exit codes (2: bad input or config, 1: the job failed, 130:
+interrupted by Ctrl-C or SIGTERM)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2  # a config, data or model error: fix the input and run again
 EXIT_FAILED = 1  # the job ran and failed (diverged, workers kept failing)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): the run or search can be continued
 
 
 def docstring_parser(doc: str) -> argparse.ArgumentParser:
@@ -61,11 +63,20 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelLoadError, StorageError, FileNotFoundError)
 
 
-def run_command(name: str, body: Callable[[], int], failures: tuple[type[BaseException], ...] = ()) -> int:
+def run_command(
+    name: str, body: Callable[[], int], failures: tuple[type[BaseException], ...] = (), *, resumable: bool = False
+) -> int:
     """Run a command's body: bad input → "<name>: error: ..." and exit 2; `failures` → "<name>: failed: ..." and
-    exit 1; anything else propagates with its traceback (a bug, not a user error)."""
+    exit 1; Ctrl-C or SIGTERM → one line (how to continue, for a `resumable` command) and exit 130, not a
+    traceback; anything else propagates with its traceback (a bug, not a user error)."""
     try:
         return body()
+    except (KeyboardInterrupt, SystemExit):
+        # Inside a command's body a SystemExit comes from Ray's signal handlers (Ray 2.60): Ray Train's SIGINT
+        # handler aborts the run and exits, ray.init's SIGTERM handler exits.
+        hint = ": run the same command again to continue from the latest checkpoint" if resumable else ""
+        print(f"{name}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except bad_input_errors() as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(outcome))
         return 0
 
-    return cli.run_command("train", body)
+    return cli.run_command("train", body, resumable=True)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,18 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any xdist worker starts: the Ray auth token the job API tests read, made once (two workers that both
+    found none would each generate one, and a head started with the first would refuse the second)."""
+    if not hasattr(config, "workerinput"):
+        from cluster.local import ensure_auth_token
+
+        ensure_auth_token()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The integration (slow) test files first, in their order: xdist hands each process the next file as it
+    finishes one, so the long files start early and the many short ones fill in at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -44,7 +44,15 @@ from tuning import seeds, status
 from tuning.config import SearchConfig
 from tuning.console import TrialLines, configure, shown_names, tune_output
 from tuning.space import DIMENSIONS, METRIC, Dimension, searched
-from tuning.trial import TrialNamer, TrialRunStatus, TrialSetup, find_child_run, recorded_status, run_trial
+from tuning.trial import (
+    TrialNamer,
+    TrialRunStatus,
+    TrialSetup,
+    close_interrupted,
+    find_child_run,
+    recorded_status,
+    run_trial,
+)
 
 logger = logging.getLogger("retina.tune")
 
@@ -67,6 +75,7 @@ class SearchOutcome:
     experiment_id: str = ""
     best_config: cf.Configuration | None = None  # the best mean val/AP over its seeds (tuning.configurations)
     configurations_table: str = ""  # one line per configuration, best mean first (only with several seeds)
+    interrupted: bool = False  # Ctrl-C: Tune saved its state; nothing was logged to the parent or registered
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -253,7 +262,7 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
     parent_id, parent_resumed = store.start_or_resume_run(
         tracking_uri, cfg.tracking.experiment, t.name, experiment_display, flatten(to_dict(cfg))
     )
-    with store.tracked_run(tracking_uri, parent_id) as status:
+    with store.tracked_run(tracking_uri, parent_id) as parent_status:
         if config_path:
             MlflowClient(tracking_uri).log_artifact(parent_id, config_path, "config")
         setup = TrialSetup(run, s3.join(experiment_display, "trials"), tracking_uri, cfg.tracking.experiment,
@@ -280,12 +289,20 @@ def run_search(cfg: SearchConfig, *, resume_errored: bool = False, config_path: 
         config_table = cf.format_table(cf.by_mean(configs), searched(t)) if res.seeded(rows) else ""
         dims = paper_dims(cfg)
         paper = pp.format_paper_table(rows, dims) if dims and rows else ""
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        # Tune returns normally from Ctrl-C (it saves its state first): with trials not ended, nothing is decided
+        unfinished = [r.trial_id for r in rows if r.status not in status.ENDED]
+        if unfinished:
+            close_interrupted(tracking_uri, cfg.tracking.experiment, parent_id, unfinished)
+            parent_status.status = "KILLED"
+            return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, None, None, None, None,
+                                 resumed or parent_resumed, time.time() - started, paper, cfg.tracking.experiment,
+                                 experiment_id, None, config_table, interrupted=True)  # fmt: skip
         _log_results(client, parent_id, rows, cfg, table, paper)
         best_config = cf.champion(configs)  # the best mean val/AP; its best seed's model is the one registered
         best = best_config.best if best_config is not None else None
         best_run_id, model, champion = _register_best_trial(cfg, best, parent_id, tracking_uri, filesystem)
-        status.status = "FINISHED" if best is not None else "FAILED"
-        experiment_id = client.get_run(parent_id).info.experiment_id
+        parent_status.status = "FINISHED" if best is not None else "FAILED"
     return SearchOutcome(experiment_display, parent_id, tracking_uri, rows, table, best, best_run_id, model, champion,
                          resumed or parent_resumed, time.time() - started, paper, cfg.tracking.experiment,
                          experiment_id, best_config, config_table)  # fmt: skip
@@ -365,8 +382,9 @@ def _new_tuner(
 def summary(outcome: SearchOutcome) -> str:
     """What the command prints at the end: every trial, best val/AP first, then the best trial, its registered
     model and where to look (the MLflow parent run, the Tune folder to resume from)."""
+    ended = "interrupted after" if outcome.interrupted else "done in"
     lines = [
-        f"search done in {console.duration(outcome.seconds)}{' (resumed)' if outcome.resumed else ''}: "
+        f"search {ended} {console.duration(outcome.seconds)}{' (resumed)' if outcome.resumed else ''}: "
         f"{len(outcome.rows)} trials, {res.state_counts(outcome.rows) or 'none ran'}",
         "",
         *([outcome.configurations_table, ""] if outcome.configurations_table else []),
@@ -374,7 +392,11 @@ def summary(outcome: SearchOutcome) -> str:
         "",
         *([outcome.paper_table, ""] if outcome.paper_table else []),
     ]
-    lines += _best_lines(outcome)
+    if outcome.interrupted:
+        lines.append("  nothing registered yet:  run the same command again to continue the search (finished trials "
+                     "are kept, interrupted ones continue from their checkpoints)")  # fmt: skip
+    else:
+        lines += _best_lines(outcome)
     if outcome.model is not None:
         lines.append(f"  registered:              {outcome.model.registered_name} v{outcome.model.version} "
                      f"({outcome.model.model_uri})")  # fmt: skip

@@ -245,6 +245,7 @@ def plot(rows: list[TrialRow], dims: list[Dimension]) -> Figure:
         ax.set_xlabel(d.name)
         ax.set_ylabel(f"best {METRIC}")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small")
+    if axes[0].get_legend_handles_labels()[0]:  # no trial with a result yet: no legend (matplotlib would warn)
+        axes[0].legend(fontsize="small")
     fig.suptitle(f"{METRIC} per trial")
     return fig

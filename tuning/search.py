@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = run_search(cfg, resume_errored=args.resume_errored, config_path=args.config)
         print(summary(outcome))
+        if outcome.interrupted:
+            return cli.EXIT_INTERRUPTED
         return 0 if outcome.best is not None else cli.EXIT_FAILED
 
-    return cli.run_command("search", body)
+    return cli.run_command("search", body, resumable=True)
 
 
 if __name__ == "__main__":

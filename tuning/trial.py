@@ -94,6 +94,16 @@ def find_child_run(tracking_uri: str, experiment: str, parent_run_id: str, trial
     return found[0].info.run_id if found else None
 
 
+def close_interrupted(tracking_uri: str, experiment: str, parent_run_id: str, trial_ids: list[str]) -> None:
+    """Mark the child runs of trials an interrupted search left unfinished KILLED (else they would show RUNNING
+    until the search is resumed, which sets each back to RUNNING as its trial continues)."""
+    client = MlflowClient(tracking_uri)
+    for trial_id in trial_ids:
+        run_id = find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+        if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+
+
 def recorded_status(tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
     """The status a trial recorded in its MLflow run (`tuning.status`), or None without a run.
 

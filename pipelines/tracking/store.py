@@ -136,15 +136,15 @@ def tracked_run(
 ) -> Iterator[RunOutcome]:
     """Close MLflow run `run_id` with the outcome of the block: the one owner of FINISHED / FAILED / KILLED.
 
-    Ctrl-C (KeyboardInterrupt) → KILLED; any other exception → the ``retina.error`` tag (its type and message)
-    plus `failure_tags` (or `failure_tags(exception)`), then FAILED; the exception propagates. Normal exit →
-    ``status.tags``, then ``status.status`` (FINISHED unless the block set another).
+    Ctrl-C or SIGTERM (KeyboardInterrupt, SystemExit) → KILLED; any other exception → the ``retina.error`` tag (its
+    type and message) plus `failure_tags` (or `failure_tags(exception)`), then FAILED; the exception propagates.
+    Normal exit → ``status.tags``, then ``status.status`` (FINISHED unless the block set another).
     """
     client = MlflowClient(tracking_uri)
     status = RunOutcome()
     try:
         yield status
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray's SIGINT/SIGTERM handlers exiting (pipelines/cli.py)
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:

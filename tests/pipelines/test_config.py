@@ -138,3 +138,17 @@ def test_cli_rejects_a_bad_key_before_starting_anything():
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     assert proc.stderr.startswith("train: error: ") and "unknown config key(s): train.max_stepz" in proc.stderr
     assert "Ray" not in proc.stderr and "mlflow" not in proc.stderr.lower()
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_exit_130(capsys):
+    from pipelines import cli
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert cli.run_command("train", interrupted, resumable=True) == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == (
+        "train: interrupted: run the same command again to continue from the latest checkpoint\n"
+    )
+    assert cli.run_command("predict", interrupted) == 130
+    assert capsys.readouterr().err == "predict: interrupted\n"

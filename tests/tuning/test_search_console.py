@@ -173,3 +173,13 @@ def test_summary_sorts_by_ap_names_the_best_trial_and_the_parent_run():
     assert "search folder (restore): runs/smoke_search" in text
     repo_store = summary(dataclasses.replace(outcome, tracking_uri=f"sqlite:///{REPO / 'mlflow.db'}"))
     assert f"make ui (in {REPO}), then http://127.0.0.1:5000/#/experiments/7/runs/abc123" in repo_store
+
+
+def test_an_interrupted_search_says_how_to_continue_and_names_no_best_trial():
+    table = res.format_table(res.by_ap(ROWS), DIMS)
+    outcome = SearchOutcome("runs/smoke_search", "abc123", "sqlite:////tmp/x/mlflow.db", ROWS, table, None, None,
+                            None, None, False, 95.0, "", "retina-search", "7", interrupted=True)  # fmt: skip
+    text = summary(outcome)
+    assert text.splitlines()[0].startswith("search interrupted after 1m35s: 3 trials")
+    assert "run the same command again to continue the search" in text and "best trial" not in text
+    assert "search folder (restore): runs/smoke_search" in text

@@ -69,3 +69,12 @@ def test_a_failed_close_leaves_the_lookup_to_recorded_status(search, monkeypatch
     monkeypatch.setattr(search.callback, "_close_run", lambda *args: 1 / 0)  # MLflow unreachable, say
     search.callback.on_trial_error(0, [], SimpleNamespace(trial_id="ff"))  # logged, not raised
     assert _recorded(search, "ff") == status.DIVERGED and search.searches == ["ff"]
+
+
+def test_an_interrupted_search_closes_its_unfinished_trials_runs_as_killed(search):
+    running, finished = search.add("gg", status.RUNNING), search.add("hh", status.COMPLETED)
+    search.client.set_terminated(finished, "FINISHED")
+    trial.close_interrupted(search.uri, "search", search.parent, ["gg", "hh", "ii"])  # ii never created its run
+    assert search.client.get_run(running).info.status == "KILLED"
+    assert search.client.get_run(finished).info.status == "FINISHED"  # an ended trial's run is left as it is
+    assert search.searches == ["gg", "hh", "ii"]
