@@ -9,6 +9,7 @@ machine's /tmp/ray is never read or written, and the test session's own Ray is l
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,19 +95,65 @@ def test_ray_address_joins_that_cluster_unsized(ray_local, ray_tmpdir):
     assert not sessions(ray_tmpdir)  # nothing was started
 
 
-def test_smoke_training_beside_a_running_ray(ray_local, smoke_data, ray_tmpdir, tmp_path):  # noqa: F811
-    """The current-cluster file names a Ray that is up (the test session's, one of several instances on the
-    machine): `train.py` trains on a local Ray of its own, exit 0, no traceback."""
+def _start(args: list[str], ray_tmpdir: Path, log: Path, **env: str) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmpdir)} | env
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _signal_at_step(proc: subprocess.Popen, log: Path, sig: signal.Signals, step: int, steps: int) -> int:
+    """Wait for `proc` to log `step`, send `sig`; its exit code."""
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(rf"step +{step}/{steps} ", log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_training_beside_a_running_ray_through_ctrl_c_and_sigterm(
+    ray_local,
+    smoke_data,
+    ray_tmpdir,
+    tmp_path,  # noqa: F811
+):
+    """An operator's machine: the current-cluster file names a Ray that is up (the test session's, one of several
+    instances on the machine), and the run is stopped twice. `train.py` trains on a local Ray of its own each
+    time. Ctrl-C at step 4, then SIGTERM at step 8: one line saying how to continue (no Python traceback), the
+    MLflow run KILLED, no process of its Ray left (the fixture checks); Ctrl-C exits 130 (after SIGTERM Ray's core
+    worker aborts the process as it shuts down, Ray 2.60, so that code is not checked). The same command a third
+    time finishes the same MLflow run, continued from checkpoints, never from step 0."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import names
+    from pipelines.training.faults import ENV as FAULTS_ENV
+
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(ray_local.get_runtime_context().gcs_address)
+    steps, store = 12, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     overrides = data_overrides(smoke_data) + [
-        f"run.storage_path={tmp_path}/runs",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        "train.max_steps=2",  # which Ray is tested, not the training
-    ]
+        f"run.storage_path={tmp_path}/runs", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"train.max_steps={steps}", "run.checkpoint_every_steps=2", "train.num_logged_images=0", "tracking.alias=",
+    ]  # fmt: skip
     args = ["pipelines/train.py", "--config", "configs/smoke.yaml", *[a for o in overrides for a in ("--set", o)]]
+    hint = "train: interrupted: run the same command again to continue from the latest checkpoint\n"
+    for sig, at in ((signal.SIGINT, 4), (signal.SIGTERM, 8)):
+        log = tmp_path / f"{sig.name}.log"
+        code = _signal_at_step(_start(args, ray_tmpdir, log, **{FAULTS_ENV: '{"step_delay_s": 0.5}'}), log, sig, at,
+                               steps)  # fmt: skip
+        output = log.read_text()
+        assert code == 130 or sig == signal.SIGTERM, output[-3000:]
+        assert "Traceback" not in output and hint in output, output[-3000:]
+        runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+        assert [r.info.status for r in runs] == ["KILLED"], [(r.info.status, r.data.tags) for r in runs]
     proc = run(args, ray_tmpdir, timeout=420)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
-    assert "Traceback" not in output, output[-5000:]
-    assert "done in" in output
-    assert len(sessions(ray_tmpdir)) == 1
+    assert proc.returncode == 0 and "Traceback" not in output and "(resumed)" in output, output[-5000:]
+    assert len(sessions(ray_tmpdir)) == 3  # a local Ray of its own each time, none joined
+    (run_,) = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    logged = [m.step for m in store.get_metric_history(run_.info.run_id, names.TRAIN_LOSS)]
+    assert run_.info.status == "FINISHED" and max(logged) == steps and logged.count(2) == 1, logged
