@@ -14,10 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The whole suite (what CI runs): two processes, each test file's tests in one of them (module fixtures run once);
-# most integration tests wait on servers and processes, so two of them share the 2-core machine's CPUs well.
+# The whole suite (what CI runs).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The inner loop: everything that starts no Ray, MLflow or S3 server (those tests are marked slow).
 test-fast: $(STAMP)
