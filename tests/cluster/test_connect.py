@@ -116,12 +116,7 @@ def _signal_at_step(proc: subprocess.Popen, log: Path, sig: signal.Signals, step
             proc.wait(timeout=10)
 
 
-def test_training_beside_a_running_ray_through_ctrl_c_and_sigterm(
-    ray_local,
-    smoke_data,
-    ray_tmpdir,
-    tmp_path,  # noqa: F811
-):
+def test_training_beside_a_running_ray_stopped_and_rerun(ray_local, smoke_data, ray_tmpdir, tmp_path):  # noqa: F811
     """An operator's machine: the current-cluster file names a Ray that is up (the test session's, one of several
     instances on the machine), and the run is stopped twice. `train.py` trains on a local Ray of its own each
     time. Ctrl-C at step 4, then SIGTERM at step 8: one line saying how to continue (no Python traceback), the
